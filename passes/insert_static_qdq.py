@@ -1,0 +1,78 @@
+"""Static activation quantization: QuantizeLinear→DequantizeLinear on each target's input.
+
+Each target activation gets one uint8 per-tensor pair from its calibrated range
+``[lo, hi]`` (widened to contain 0)::
+
+    s = (hi − lo) / 255        z = round(−lo / s)        x̂ = s · (clip(round(x/s) + z, 0, 255) − z)
+
+uint8 activations with int8 per-channel weights is the combination ONNX Runtime's CPU provider
+lowers to QLinearMatMul/QLinearConv (int8 activations leave 1×1 convs in float). One Q/DQ pair
+per activation value serves all the targets reading it; other readers (the residual path) keep
+the float value.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from passes.calibrate import STATS_KEY
+from passes.quantize_weights import WEIGHT_KEY
+from passes.select_targets import QuantTarget, targets
+from qcompiler import ir_utils
+from qcompiler import quant_math as qm
+from qcompiler.config import CalibrationConfig
+from qcompiler.errors import QCompileError
+from qcompiler.ranges import select_range
+
+ACTIVATION_KEY = "qcompile.activation"
+
+
+class InsertStaticQDQPass(ir.passes.InPlacePass):
+    """Insert calibrated uint8 Q/DQ on the activation input of every weight-quantized target."""
+
+    def __init__(self, config: CalibrationConfig = CalibrationConfig()) -> None:
+        super().__init__()
+        self.config = config
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph, modified = model.graph, False
+        dequantized: dict[int, ir.Value] = {}
+        for target in targets(model):
+            node = target.node
+            if ACTIVATION_KEY in node.meta or WEIGHT_KEY not in node.meta:
+                continue
+            key = id(target.activation)
+            if key not in dequantized:
+                dequantized[key] = self._insert_qdq(graph, target)
+            node.replace_input_with(0, dequantized[key])
+            node.meta[ACTIVATION_KEY] = "static"
+            modified = True
+        return ir.passes.PassResult(model, modified=modified)
+
+    def _insert_qdq(self, graph: ir.Graph, target: QuantTarget) -> ir.Value:
+        x = target.activation
+        stats = x.meta.get(STATS_KEY)
+        if stats is None:
+            raise QCompileError(f"no calibration statistics for activation {x.name!r}")
+        rng = select_range(stats, self.config.method, percentile=self.config.percentile)
+        scale, zero = qm.affine_params(np.float32(rng.lo), np.float32(rng.hi), qm.UINT8)
+        stem = x.name or "activation"
+        s = ir_utils.initializer(graph, f"{stem}.scale", np.asarray(scale, np.float32))
+        z = ir_utils.initializer(graph, f"{stem}.zero_point", np.asarray(zero, np.uint8))
+        q = ir.node("QuantizeLinear", [x, s, z], name=ir_utils.unique_name(graph, f"{stem}.q"))
+        dq = ir.node(
+            "DequantizeLinear", [q.outputs[0], s, z], name=ir_utils.unique_name(graph, f"{stem}.dq")
+        )
+        q.outputs[0].name = ir_utils.unique_name(graph, f"{stem}.quantized")
+        q.outputs[0].type = ir.TensorType(ir.DataType.UINT8)
+        q.outputs[0].shape = x.shape
+        dq.outputs[0].name = ir_utils.unique_name(graph, f"{stem}.dequantized")
+        dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        dq.outputs[0].shape = x.shape
+        anchor = x.producer()
+        if anchor is None:  # a graph input: put the pair first
+            graph.insert_before(next(iter(graph)), [q, dq])
+        else:
+            graph.insert_after(anchor, [q, dq])
+        return dq.outputs[0]

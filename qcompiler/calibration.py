@@ -1,0 +1,84 @@
+"""Calibration: run the float model in ONNX Runtime and stream activation statistics.
+
+The model is saved once (external data, so any size works) with the observed activations added
+as graph outputs; each calibration feed is run, every observed tensor is folded into its
+``TensorStats`` and dropped, so memory does not grow with the number of samples.
+
+Padding never reaches the statistics: when a feed has an ``attention_mask``, only the positions
+where it is 1 are observed (tensors shaped ``[batch, seq, …]`` or ``[batch·seq, …]``). Padded
+tokens' hidden states — and the -3.4e38 mask constants that follow them — would otherwise widen
+the ranges of every layer.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import onnx_ir as ir
+from tqdm import tqdm
+
+from qcompiler import ir_utils
+from qcompiler.errors import QCompileError
+from qcompiler.ranges import TensorStats
+from runtime.session import create_session
+
+MASK_INPUT = "attention_mask"
+
+Feed = Mapping[str, np.ndarray]
+
+
+def collect_stats(
+    model: ir.Model,
+    values: list[ir.Value],
+    feeds: Iterable[Feed],
+    *,
+    mask_padding: bool = True,
+    max_samples: int | None = None,
+    progress: bool = True,
+) -> dict[str, TensorStats]:
+    """Statistics of ``values`` (by name) over the float model's run on ``feeds``."""
+    graph_inputs = {v.name for v in model.graph.inputs}
+    observed = [v for v in values if v.name not in graph_inputs]
+    stats = {v.name: TensorStats() for v in values}
+    with tempfile.TemporaryDirectory(prefix="qcompile-calib-") as tmp:
+        path = Path(tmp) / "calibration.onnx"
+        with ir_utils.extra_outputs(model, observed):
+            ir.save(model, path, external_data="calibration.onnx.data")
+        session = create_session(path)
+        names = [v.name for v in observed]
+        samples = 0
+        for feed in tqdm(feeds, desc="calibrating", unit="sample", disable=not progress):
+            outputs = _run(session, names, feed)
+            mask = feed.get(MASK_INPUT) if mask_padding else None
+            for name in stats:
+                x = outputs[name] if name in outputs else feed[name]
+                stats[name].update(valid_positions(x, mask))
+            samples += 1
+            if max_samples is not None and samples >= max_samples:
+                break
+    if samples == 0:
+        raise QCompileError("the calibration data holds no samples")
+    return stats
+
+
+def _run(session, names: list[str], feed: Feed) -> dict[str, np.ndarray]:
+    try:
+        return dict(zip(names, session.run(names, dict(feed))))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise QCompileError(f"the model failed on a calibration sample: {first}") from exc
+
+
+def valid_positions(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The entries of ``x`` at unmasked token positions (all of ``x`` when no mask fits)."""
+    if mask is None or x.ndim < 2:
+        return x
+    keep = np.asarray(mask) != 0
+    if x.shape[: keep.ndim] == keep.shape:
+        return x[keep]
+    if x.shape[0] == keep.size:
+        return x[keep.reshape(-1)]
+    return x

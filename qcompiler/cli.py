@@ -1,0 +1,267 @@
+"""The ``qcompile`` command line.
+
+``qcompile MODEL --w8a8 [-o OUT] ...`` compiles (the default command); ``qcompile plan``
+shows what a compile would do; ``qcompile eval`` measures a compiled model against its float
+original; ``qcompile models`` exports the reference models and their data. Bad input ends with
+one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from qcompiler import __version__, calib_data
+from qcompiler.config import ACTIVATION_SCHEMES, CalibrationConfig, W8A8Config
+from qcompiler.errors import QCompileError
+from qcompiler.ranges import CALIBRATION_METHODS
+
+EXIT_BAD_INPUT = 2
+
+
+class _DefaultCommandGroup(click.Group):
+    """A group whose first argument, when it is not a subcommand, goes to ``compile``."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["compile", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_DefaultCommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="qcompile")
+def cli() -> None:
+    """qcompile: quantize ONNX models.
+
+    \b
+      qcompile model.onnx --w8a8 -o model.w8a8.onnx [--calib-data calib.npz]
+      qcompile plan model.onnx --w8a8
+      qcompile eval model.onnx model.w8a8.onnx --task embedding|lm|image
+      qcompile models export minilm
+    """
+
+
+def _recipe_options(f):
+    options = [
+        click.option("--w8a8", "recipe", flag_value="w8a8", required=True,
+                     help="int8 per-channel weights, 8-bit activations."),
+        click.option("--activations", type=click.Choice(ACTIVATION_SCHEMES),
+                     help="static (calibrated, per tensor) | dynamic (per tensor) | per-token. "
+                          "Default: static with calibration data, per-token without."),
+        click.option("--calib-data", type=click.Path(path_type=Path),
+                     help=".npz of stacked samples named after the inputs, or a folder of .npz feeds."),
+        click.option("--calib-text", type=click.Path(path_type=Path),
+                     help="Plain text to calibrate a language model or encoder (needs --tokenizer)."),
+        click.option("--tokenizer", type=click.Path(path_type=Path),
+                     help="Tokenizer folder for --calib-text."),
+        click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True,
+                     help="Window length for --calib-text on a language model."),
+        click.option("--calib-method", type=click.Choice(CALIBRATION_METHODS), default="percentile",
+                     show_default=True, help="How static activation ranges are chosen."),
+        click.option("--percentile", type=float, default=99.999, show_default=True,
+                     help="Two-sided percentile kept by --calib-method percentile."),
+        click.option("--max-calib-samples", type=click.IntRange(min=1),
+                     help="Use at most this many calibration samples."),
+        click.option("--exclude", multiple=True, metavar="NODE",
+                     help="Keep this node in float (repeatable)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _config(activations, calib_data_path, calib_text, calib_method, percentile, max_calib_samples, exclude):
+    has_data = calib_data_path is not None or calib_text is not None
+    if activations is None:
+        activations = "static" if has_data else "per-token"
+    if activations == "static" and not has_data:
+        raise QCompileError("--activations static needs --calib-data or --calib-text")
+    if calib_data_path is not None and calib_text is not None:
+        raise QCompileError("give either --calib-data or --calib-text, not both")
+    calibration = CalibrationConfig(calib_method, percentile, max_calib_samples)
+    return W8A8Config(activations=activations, calibration=calibration, exclude=tuple(exclude))
+
+
+def _feed_source(model_path, calib_data_path, calib_text, tokenizer, seq_len):
+    """(feed source or None, digest or None) for the calibration options."""
+    if calib_data_path is None and calib_text is None:
+        return None, None
+    from qcompiler.ir_utils import load_model
+
+    specs = calib_data.input_specs(load_model(model_path))
+    if calib_data_path is not None:
+        return calib_data.npz_source(calib_data_path, specs), calib_data.file_digest(calib_data_path)
+    if tokenizer is None:
+        raise QCompileError("--calib-text needs --tokenizer DIR")
+    source = calib_data.text_source(calib_text, tokenizer, specs, seq_len)
+    return source, calib_data.file_digest(calib_text)
+
+
+@cli.command("compile")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Output model (default: MODEL with .w8a8.onnx beside it).")
+@_recipe_options
+@click.option("--quiet", is_flag=True, help="No progress bars or pass summary.")
+def compile_command(model, output, recipe, activations, calib_data, calib_text, tokenizer,
+                    seq_len, calib_method, percentile, max_calib_samples, exclude, quiet):
+    """Quantize MODEL."""
+    from qcompiler.pipeline import compile_model
+
+    config = _config(activations, calib_data, calib_text, calib_method, percentile,
+                     max_calib_samples, exclude)
+    output = output or model.with_name(f"{model.stem}.{recipe}.onnx")
+    feeds, digest = _feed_source(model, calib_data, calib_text, tokenizer, seq_len)
+    result = compile_model(model, output, config, feeds, digest, progress=not quiet)
+    if not quiet:
+        for report in result.reports:
+            click.echo(f"  {report.name:<30} {report.seconds:7.2f}s  {report.summary()}", err=True)
+    click.echo(
+        f"wrote {result.output} ({result.input_bytes / 1e6:.1f} MB → "
+        f"{result.output_bytes / 1e6:.1f} MB, {config.activations} activations, "
+        f"{result.seconds:.1f}s)"
+    )
+
+
+@cli.command("plan")
+@click.argument("model", type=click.Path(path_type=Path))
+@_recipe_options
+def plan_command(model, recipe, activations, calib_data, calib_text, tokenizer, seq_len,
+                 calib_method, percentile, max_calib_samples, exclude):
+    """Print the passes a compile would run and what each would change; write nothing."""
+    from qcompiler.pipeline import plan
+
+    config = _config(activations, calib_data, calib_text, calib_method, percentile,
+                     max_calib_samples, exclude)
+    click.echo(f"{model}: {recipe}, {config.activations} activations")
+    for report in plan(model, config):
+        click.echo(f"  {report.name:<30} {report.summary()}")
+
+
+@cli.command("eval")
+@click.argument("float_model", type=click.Path(path_type=Path))
+@click.argument("quant_model", type=click.Path(path_type=Path))
+@click.option("--task", type=click.Choice(["embedding", "lm", "image"]), required=True)
+@click.option("--data", type=click.Path(path_type=Path),
+              help="Evaluation feeds (.npz or folder); default: the task's held-apart reference set.")
+@click.option("--tokenizer", type=click.Path(path_type=Path), help="Tokenizer folder (embedding, lm).")
+@click.option("--limit", type=click.IntRange(min=1), help="Evaluate on at most this many items.")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Timed runs per model for latency.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the results as JSON.")
+def eval_command(float_model, quant_model, task, data, tokenizer, limit, threads, runs, json_path):
+    """Accuracy, size and latency of QUANT_MODEL against FLOAT_MODEL."""
+    from qcompiler import eval_data
+    from qcompiler.evaluate import evaluate
+    from qcompiler.ir_utils import load_model
+
+    if data is not None:
+        dataset = eval_data.npz_eval_data(data, calib_data.input_specs(load_model(float_model)))
+    else:
+        dataset = eval_data.default_eval_data(task, tokenizer, limit)
+    result = evaluate(float_model, quant_model, task, dataset, threads=threads, latency_runs=runs)
+    width = max(len(name) for name, _ in result.rows())
+    click.echo(f"{task}: {quant_model} against {float_model}")
+    for name, value in result.rows():
+        click.echo(f"  {name:<{width}}  {value}")
+    if json_path is not None:
+        _write_json_atomic(json_path, result.as_dict())
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+@cli.group("models")
+def models_group() -> None:
+    """Export and describe the reference models; build their data."""
+
+
+@models_group.command("export")
+@click.argument("names", nargs=-1)
+@click.option("--force", is_flag=True, help="Export again even if cached.")
+def models_export(names, force):
+    """Export NAMES (default: all) to the cache and print where they are."""
+    models = _import_models()
+    for name in names or models.MODEL_NAMES:
+        ref = models.export(_model_name(models, name), force=force)
+        click.echo(f"{ref.name}: {ref.onnx_path}")
+
+
+@models_group.command("describe")
+@click.argument("name")
+def models_describe(name):
+    """Print a reference model's description as JSON."""
+    models = _import_models()
+    click.echo(json.dumps(models.describe(_model_name(models, name)), indent=2, default=str))
+
+
+@models_group.command("data")
+@click.argument("name")
+@click.option("--split", type=click.Choice(["calib", "eval"]), default="calib", show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
+@click.option("-n", "--count", type=click.IntRange(min=1), help="Number of samples.")
+def models_data(name, split, output, count):
+    """Write calibration or evaluation feeds for a reference model (.npz or folder)."""
+    models = _import_models()
+    name = _model_name(models, name)
+    feeds = reference_feeds(models, name, split, count)
+    models.data.save_feeds_npz(feeds, output)
+    click.echo(f"wrote {len(feeds)} {split} samples for {name} to {output}")
+
+
+def reference_feeds(models, name: str, split: str, count: int | None) -> list[dict]:
+    """The reference data of model ``name`` as feeds (calibration or evaluation split)."""
+    data = models.data
+    if name == "smollm2":
+        return [{"input_ids": w} for w in data.lm_windows(models.load_tokenizer(name), split, n=count)]
+    if name == "minilm":
+        return data.encoder_feeds(models.load_tokenizer(name), data.sentences(split)[:count])
+    return data.image_feeds(split, crops=True)[:count]
+
+
+def _import_models():
+    try:
+        import models
+        import models.data  # noqa: F401
+    except ImportError as exc:
+        raise QCompileError(f"the reference models need the models extra: {exc}") from exc
+    return models
+
+
+def _model_name(models, name: str) -> str:
+    if name not in models.MODEL_NAMES:
+        raise QCompileError(f"unknown reference model {name!r}; choose one of {', '.join(models.MODEL_NAMES)}")
+    return name
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: QCompileError and usage errors → one line and exit code 2."""
+    try:
+        cli.main(args=argv, prog_name="qcompile", standalone_mode=False)
+    except QCompileError as exc:
+        click.echo(f"qcompile: error: {exc}", err=True)
+        return EXIT_BAD_INPUT
+    except click.exceptions.Abort:
+        click.echo("qcompile: interrupted", err=True)
+        return 130
+    except click.UsageError as exc:
+        click.echo(f"qcompile: error: {exc.format_message()}", err=True)
+        return EXIT_BAD_INPUT
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except OSError as exc:
+        click.echo(f"qcompile: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Frozen configuration dataclasses and the registry of recipes.
+
+A recipe flag on the command line (``--w8a8``) names a config class here; the pipeline maps the
+config to its list of passes (``qcompiler.pipeline``). Configs validate themselves in
+``__post_init__`` so that a bad combination fails before any work is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from qcompiler.errors import QCompileError
+from qcompiler.ranges import CALIBRATION_METHODS
+
+ActivationScheme = Literal["static", "dynamic", "per-token"]
+ACTIVATION_SCHEMES: tuple[str, ...] = ("static", "dynamic", "per-token")
+QUANTIZABLE_OPS: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationConfig:
+    """How activation ranges are found for static quantization.
+
+    ``method``: minmax | percentile | entropy | mse (``qcompiler.ranges``).
+    ``percentile``: the two-sided percentile kept by ``percentile``.
+    ``max_samples``: stop after this many calibration feeds (None: all).
+    ``mask_padding``: leave out of the statistics the positions whose ``attention_mask`` is 0,
+    so that padded tokens never widen a range.
+    """
+
+    method: str = "percentile"
+    percentile: float = 99.999
+    max_samples: int | None = None
+    mask_padding: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in CALIBRATION_METHODS:
+            raise QCompileError(
+                f"unknown calibration method {self.method!r}; choose one of "
+                + ", ".join(CALIBRATION_METHODS)
+            )
+        if not 50.0 < self.percentile <= 100.0:
+            raise QCompileError(f"--percentile must be in (50, 100], got {self.percentile}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise QCompileError(f"--max-calib-samples must be ≥ 1, got {self.max_samples}")
+
+
+@dataclasses.dataclass(frozen=True)
+class W8A8Config:
+    """int8 weights (symmetric, per output channel) and 8-bit activations.
+
+    ``activations``:
+      * ``static``: one uint8 scale/zero point per tensor, calibrated offline (QDQ);
+      * ``dynamic``: one uint8 scale/zero point per tensor, computed at run time;
+      * ``per-token``: one symmetric scale per row of the activation matrix, computed at run
+        time, stored as ``round(x/s_row) + 128`` in uint8 (ONNX Runtime's fast U8S8 kernels).
+    ``op_types``: which weighted ops are quantized. ``exclude``: node names left in float.
+    Activation×activation MatMuls (attention scores) stay in float.
+    """
+
+    activations: ActivationScheme = "per-token"
+    calibration: CalibrationConfig = CalibrationConfig()
+    op_types: tuple[str, ...] = QUANTIZABLE_OPS
+    exclude: tuple[str, ...] = ()
+
+    name = "w8a8"
+
+    def __post_init__(self) -> None:
+        if self.activations not in ACTIVATION_SCHEMES:
+            raise QCompileError(
+                f"unknown activation scheme {self.activations!r}; choose one of "
+                + ", ".join(ACTIVATION_SCHEMES)
+            )
+        unknown = set(self.op_types) - set(QUANTIZABLE_OPS)
+        if unknown:
+            raise QCompileError(f"cannot quantize op types {sorted(unknown)}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.activations == "static"
+
+    def flags(self) -> dict:
+        """The settings as plain data, for provenance metadata."""
+        return dataclasses.asdict(self)
+
+
+RECIPES: dict[str, type] = {"w8a8": W8A8Config}

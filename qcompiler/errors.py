@@ -1,0 +1,11 @@
+"""User-facing errors: each one becomes a single line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+
+class QCompileError(Exception):
+    """Bad input or an impossible request. The message says what is wrong and what to do."""
+
+
+class VerificationError(QCompileError):
+    """A compiled model failed a numeric check."""

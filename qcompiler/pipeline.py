@@ -1,0 +1,227 @@
+"""The compile pipeline: recipe → ordered passes → PassManager, read top to bottom.
+
+W8A8 (``w8a8_passes``)::
+
+    canonicalize            constants as initializers, no Identity, topological order
+    select targets          which MatMul/Gemm/Conv are quantized (annotation only)
+    calibrate               static only: observe the float model, before anything is rewritten
+    quantize weights        int8 symmetric per output channel, behind DequantizeLinear
+    activations             static: calibrated uint8 Q/DQ on each target's input
+                            dynamic / per-token: lowered to MatMulInteger + rescale
+    clean up                dead float weights and replaced ops removed, values named
+
+Every pass runs inside ``Measured``, which records what it changed (op types added/removed,
+time); ``plan`` runs the same list on an in-memory copy with placeholder statistics in place of
+calibration and writes nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+import qcompiler
+from passes.calibrate import STATS_KEY, CalibratePass, activations_to_observe
+from passes.canonicalize import CanonicalizePass
+from passes.cleanup import CleanupPass
+from passes.dynamic_activations import LowerDynamicActivationsPass
+from passes.insert_static_qdq import InsertStaticQDQPass
+from passes.quantize_weights import QuantizeWeightsPass
+from passes.select_targets import SelectTargetsPass
+from qcompiler import ir_utils
+from qcompiler.calibration import Feed
+from qcompiler.config import W8A8Config
+from qcompiler.errors import QCompileError
+from qcompiler.ranges import TensorStats
+
+FeedSource = Callable[[], Iterable[Feed]]
+
+
+def w8a8_passes(
+    config: W8A8Config, feeds: FeedSource | None, progress: bool = True
+) -> list[ir.passes.PassBase]:
+    """The W8A8 pass list (``feeds`` is required for static activations)."""
+    passes: list[ir.passes.PassBase] = [
+        CanonicalizePass(),
+        # Annotate before calibrating: only the inputs of the ops we quantize are observed.
+        SelectTargetsPass(config.op_types, config.exclude),
+    ]
+    if config.activations == "static":
+        if feeds is None:
+            raise QCompileError(
+                "static activations need calibration data: pass --calib-data or --calib-text"
+            )
+        passes += [
+            # Calibrate the float model: must come before any rewrite changes the activations.
+            CalibratePass(feeds, config.calibration, progress),
+            QuantizeWeightsPass(),
+            InsertStaticQDQPass(config.calibration),
+        ]
+    else:
+        passes += [
+            QuantizeWeightsPass(),
+            # Reads the int8 weights the previous pass attached to each target.
+            LowerDynamicActivationsPass(per_token=config.activations == "per-token"),
+        ]
+    passes.append(CleanupPass())
+    return passes
+
+
+# --- measuring and running -------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PassReport:
+    """What one pass did."""
+
+    name: str
+    modified: bool
+    added: dict[str, int]
+    removed: dict[str, int]
+    seconds: float
+    note: str = ""  # the pass's own account (``summary`` attribute), for non-node changes
+
+    def summary(self) -> str:
+        if not self.added and not self.removed:
+            return self.note or "no node changes"
+        parts = [self.note] if self.note else []
+        parts += [f"+{n} {op}" for op, n in sorted(self.added.items())]
+        parts += [f"-{n} {op}" for op, n in sorted(self.removed.items())]
+        return ", ".join(parts)
+
+
+def _op_counts(model: ir.Model) -> collections.Counter:
+    return collections.Counter(
+        f"{n.domain}.{n.op_type}" if n.domain else n.op_type for n in model.graph
+    )
+
+
+class Measured(ir.passes.InPlacePass):
+    """Runs ``inner`` (its requires/call/ensures) and appends a ``PassReport`` to ``reports``."""
+
+    def __init__(self, inner: ir.passes.PassBase, reports: list[PassReport]) -> None:
+        super().__init__()
+        self.inner, self.reports = inner, reports
+
+    def __repr__(self) -> str:
+        return type(self.inner).__name__
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        before, start = _op_counts(model), time.perf_counter()
+        result = self.inner(model)
+        after = _op_counts(model)
+        self.reports.append(
+            PassReport(
+                name=type(self.inner).__name__,
+                modified=result.modified,
+                added=dict(after - before),
+                removed=dict(before - after),
+                seconds=time.perf_counter() - start,
+                note=getattr(self.inner, "summary", ""),
+            )
+        )
+        return ir.passes.PassResult(model, modified=result.modified)
+
+
+def run_passes(model: ir.Model, passes: list[ir.passes.PassBase]) -> list[PassReport]:
+    reports: list[PassReport] = []
+    ir.passes.PassManager([Measured(p, reports) for p in passes])(model)
+    return reports
+
+
+# --- entry points ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CompileResult:
+    output: Path
+    reports: list[PassReport]
+    seconds: float
+    input_bytes: int
+    output_bytes: int
+
+
+def compile_model(
+    model_path: str | Path,
+    output_path: str | Path,
+    config: W8A8Config,
+    feeds: FeedSource | None = None,
+    calibration_digest: str | None = None,
+    progress: bool = True,
+) -> CompileResult:
+    """Compile ``model_path`` with ``config`` and write ``output_path`` atomically.
+
+    The input file is only read. ``feeds`` returns calibration feeds (static activations).
+    """
+    model_path, output_path = Path(model_path), Path(output_path)
+    _check_paths(model_path, output_path)
+    start = time.perf_counter()
+    model = ir_utils.load_model(model_path)
+    reports = run_passes(model, w8a8_passes(config, feeds, progress))
+    _stamp_provenance(model, config, reports, calibration_digest)
+    ir_utils.save_model(model, output_path)
+    return CompileResult(
+        output=output_path,
+        reports=reports,
+        seconds=time.perf_counter() - start,
+        input_bytes=model_file_bytes(model_path),
+        output_bytes=model_file_bytes(output_path),
+    )
+
+
+def plan(model_path: str | Path, config: W8A8Config) -> list[PassReport]:
+    """The passes a compile would run and what each would change; writes nothing."""
+    model = ir_utils.load_model(model_path)
+    passes = w8a8_passes(config, feeds=lambda: (), progress=False)
+    passes = [_PlaceholderStatsPass() if isinstance(p, CalibratePass) else p for p in passes]
+    return run_passes(model, passes)
+
+
+class _PlaceholderStatsPass(ir.passes.InPlacePass):
+    """Stands in for calibration in ``plan``: unit-range statistics, no model run."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        values = activations_to_observe(model)
+        self.summary = f"would observe {len(values)} activations"
+        for value in values:
+            stats = TensorStats()
+            stats.update(np.array([-1.0, 1.0], np.float32))
+            value.meta[STATS_KEY] = stats
+        return ir.passes.PassResult(model, modified=False)
+
+
+def _check_paths(model_path: Path, output_path: Path) -> None:
+    if output_path.exists() and output_path.resolve() == model_path.resolve():
+        raise QCompileError("the output path is the input model; choose another -o path")
+    if output_path.suffix != ".onnx":
+        raise QCompileError(f"the output path must end in .onnx: {output_path}")
+    if output_path.is_dir():
+        raise QCompileError(f"the output path is a folder: {output_path}")
+
+
+def model_file_bytes(path: Path) -> int:
+    """Bytes of the model file plus any external data files beside it that it names."""
+    total = path.stat().st_size
+    data = path.with_name(path.name + ".data")
+    return total + (data.stat().st_size if data.exists() else 0)
+
+
+def _stamp_provenance(
+    model: ir.Model, config: W8A8Config, reports: list[PassReport], digest: str | None
+) -> None:
+    props = model.metadata_props
+    props["qcompile.version"] = qcompiler.__version__
+    props["qcompile.recipe"] = config.name
+    props["qcompile.flags"] = json.dumps(config.flags(), sort_keys=True)
+    props["qcompile.passes"] = json.dumps(
+        [{"pass": r.name, "added": r.added, "removed": r.removed} for r in reports]
+    )
+    if digest:
+        props["qcompile.calibration_digest"] = digest

@@ -1,0 +1,192 @@
+"""Streaming activation statistics and the choice of a quantization range from them (numpy).
+
+``TensorStats`` is updated batch by batch and never keeps the activations: exact min/max, the
+per-channel absmax of the last axis (for SmoothQuant) and a histogram over ``[-R, R]`` whose
+half-width ``R`` is a power of two. When a batch exceeds ``R``, ``R`` doubles and adjacent bin
+pairs merge, so the histogram stays exact (no re-interpolation) whatever the order of batches.
+
+Ranges (seed 004, "Dynamic Range for Activation Quantization"):
+
+* ``minmax``: ``[min, max]`` as observed;
+* ``percentile``: clip to the ``p``-th percentile at both ends;
+* ``entropy``: the symmetric threshold ``T`` minimising ``KL(P ‖ Q)`` between the histogram of
+  ``|x|`` clipped at ``T`` and its quantization to ``2^(bits-1)`` levels (TensorRT's method);
+* ``mse``: the range minimising the expected squared error of affine ``bits``-bit
+  quantization of the histogram's mass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from qcompiler import quant_math as qm
+
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
+DEFAULT_BINS = 4096
+
+
+class TensorStats:
+    """Streaming statistics of one activation tensor."""
+
+    def __init__(self, bins: int = DEFAULT_BINS) -> None:
+        if bins % 4:
+            raise ValueError("bins must be a multiple of 4")
+        self.bins = bins
+        self.count = 0
+        self.min = math.inf
+        self.max = -math.inf
+        self.half_width = 0.0  # R: the histogram covers [-R, R]
+        self.hist = np.zeros(bins, np.int64)
+        self.channel_absmax: np.ndarray | None = None
+
+    def update(self, x: np.ndarray) -> None:
+        """Fold a batch of values in. Non-finite values are ignored (counted nowhere)."""
+        x = np.asarray(x, np.float32)
+        if x.ndim and x.shape[-1] and x.size:
+            absmax = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0)
+            absmax = np.where(np.isfinite(absmax), absmax, 0.0)
+            self._update_channels(absmax)
+        flat = x.ravel()
+        flat = flat[np.isfinite(flat)]
+        if flat.size == 0:
+            return
+        self.count += flat.size
+        self.min = min(self.min, float(flat.min()))
+        self.max = max(self.max, float(flat.max()))
+        self._grow_to(max(-self.min, self.max))
+        width = 2.0 * self.half_width / self.bins
+        index = np.floor((flat.astype(np.float64) + self.half_width) / width).astype(np.int64)
+        self.hist += np.bincount(np.clip(index, 0, self.bins - 1), minlength=self.bins)
+
+    def _update_channels(self, absmax: np.ndarray) -> None:
+        if self.channel_absmax is None or self.channel_absmax.shape != absmax.shape:
+            if self.channel_absmax is not None:  # last axis changed size: not a channel axis
+                self.channel_absmax = np.zeros(0, np.float32)
+                return
+            self.channel_absmax = absmax.astype(np.float32)
+        elif self.channel_absmax.size:
+            np.maximum(self.channel_absmax, absmax, out=self.channel_absmax)
+
+    def _grow_to(self, amax: float) -> None:
+        if self.half_width == 0.0:
+            self.half_width = 2.0 ** math.ceil(math.log2(max(amax, 2.0**-40)))
+            return
+        while amax > self.half_width:
+            merged = self.hist.reshape(-1, 2).sum(axis=1)
+            quarter = self.bins // 4
+            self.hist = np.zeros_like(self.hist)
+            self.hist[quarter : quarter + merged.size] = merged
+            self.half_width *= 2.0
+
+    @property
+    def bin_centers(self) -> np.ndarray:
+        width = 2.0 * self.half_width / self.bins
+        return -self.half_width + width * (np.arange(self.bins) + 0.5)
+
+    def to_dict(self) -> dict:
+        """A JSON-friendly summary (for reports)."""
+        return {"count": self.count, "min": self.min, "max": self.max}
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    lo: float
+    hi: float
+
+
+def select_range(
+    stats: TensorStats,
+    method: str = "minmax",
+    bits: int = 8,
+    percentile: float = 99.999,
+) -> Range:
+    """The quantization range of one tensor by ``method`` (see the module docstring)."""
+    if stats.count == 0:
+        raise ValueError("no finite values were observed for this tensor")
+    if method == "minmax":
+        return Range(stats.min, stats.max)
+    if method == "percentile":
+        return _percentile_range(stats, percentile)
+    if method == "entropy":
+        return _entropy_range(stats, bits)
+    if method == "mse":
+        return _mse_range(stats, bits)
+    raise ValueError(f"unknown calibration method {method!r}; choose from {CALIBRATION_METHODS}")
+
+
+def _percentile_range(stats: TensorStats, percentile: float) -> Range:
+    cdf = np.cumsum(stats.hist) / stats.count
+    edges = np.linspace(-stats.half_width, stats.half_width, stats.bins + 1)
+    tail = 1.0 - percentile / 100.0
+    lo = edges[int(np.searchsorted(cdf, tail, side="left"))]
+    hi = edges[int(np.searchsorted(cdf, 1.0 - tail, side="left")) + 1]
+    return Range(max(stats.min, float(lo)), min(stats.max, float(hi)))
+
+
+def _entropy_range(stats: TensorStats, bits: int) -> Range:
+    """KL-divergence threshold on the folded histogram of ``|x|``."""
+    half = stats.bins // 2
+    folded = stats.hist[half:] + stats.hist[:half][::-1]
+    levels = 2 ** (bits - 1) if stats.min < 0 else 2**bits
+    threshold_bin = _kl_threshold_bin(folded.astype(np.float64), levels)
+    threshold = threshold_bin * stats.half_width / half
+    return Range(max(stats.min, -threshold), min(stats.max, threshold))
+
+
+def _kl_threshold_bin(hist: np.ndarray, levels: int) -> int:
+    """The bin count ``i`` minimising ``KL(P_i ‖ Q_i)`` (``P_i``: ``hist[:i]`` with the clipped
+    tail added to its last bin; ``Q_i``: ``P_i`` merged into ``levels`` chunks, each chunk's mass
+    spread evenly over its non-empty bins)."""
+    last = int(np.nonzero(hist)[0][-1]) + 1
+    if last <= levels:
+        return last
+    candidates = np.unique(np.linspace(levels, last, num=min(256, last - levels + 1)).astype(int))
+    best_bin, best_kl = last, math.inf
+    for i in candidates:
+        p = hist[:i].copy()
+        p[i - 1] += hist[i:].sum()
+        q = _spread_over_chunks(hist[:i], levels)
+        kl = _kl_divergence(p, q)
+        if kl < best_kl:
+            best_bin, best_kl = int(i), kl
+    return best_bin
+
+
+def _spread_over_chunks(p: np.ndarray, levels: int) -> np.ndarray:
+    chunk = np.minimum((np.arange(p.size) * levels) // p.size, levels - 1)
+    nonzero = p > 0
+    mass = np.bincount(chunk, weights=p, minlength=levels)
+    support = np.bincount(chunk, weights=nonzero, minlength=levels)
+    per_bin = np.divide(mass, support, out=np.zeros_like(mass), where=support > 0)
+    return np.where(nonzero, per_bin[chunk], 0.0)
+
+
+def _kl_divergence(p: np.ndarray, q: np.ndarray, eps: float = 1e-10) -> float:
+    p = p / p.sum()
+    q = q / max(q.sum(), eps)
+    mask = p > 0
+    return float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], eps))))
+
+
+def _mse_range(stats: TensorStats, bits: int, steps: int = 100) -> Range:
+    """Shrink ``[min, max]`` jointly, then refine each end, minimising the histogram's expected
+    squared error under affine ``bits``-bit quantization."""
+    qtype = qm.IntType(bits, signed=False)
+    centers, weights = stats.bin_centers, stats.hist.astype(np.float64)
+    keep = weights > 0
+    centers, weights = centers[keep], weights[keep]
+
+    def error(lo: float, hi: float) -> float:
+        scale, zero = qm.affine_params(np.float32(lo), np.float32(hi), qtype)
+        approx = qm.dequantize(qm.quantize(centers, scale, zero, qtype), scale, zero)
+        return float(np.sum(weights * (centers - approx) ** 2))
+
+    factors = np.linspace(1.0 / steps, 1.0, steps)
+    best = min(factors, key=lambda f: error(stats.min * f, stats.max * f))
+    lo, hi = stats.min * best, stats.max * best
+    lo = stats.min * min(factors, key=lambda f: error(stats.min * f, hi)) if stats.min < 0 else lo
+    hi = stats.max * min(factors, key=lambda f: error(lo, stats.max * f)) if stats.max > 0 else hi
+    return Range(float(lo), float(hi))

@@ -1,0 +1,1 @@
+"""Running models: ONNX Runtime sessions and providers."""

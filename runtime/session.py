@@ -1,0 +1,44 @@
+"""ONNX Runtime sessions with qcompile's defaults and one-line errors."""
+
+from __future__ import annotations
+
+import os
+
+import onnxruntime as ort
+
+from qcompiler.errors import QCompileError
+
+CPU = "CPUExecutionProvider"
+
+
+def session_options(threads: int | None = None, optimize: bool = True) -> ort.SessionOptions:
+    """Options for a session: ``threads`` intra-op threads (None: ORT's default), one inter-op
+    thread, full graph optimisation (where ORT fuses QDQ into integer kernels) or none."""
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    options.log_severity_level = 3
+    return options
+
+
+def create_session(
+    model: str | os.PathLike | bytes,
+    threads: int | None = None,
+    providers: tuple[str, ...] = (CPU,),
+    optimize: bool = True,
+) -> ort.InferenceSession:
+    """An InferenceSession, or a QCompileError saying why ONNX Runtime refused the model."""
+    source = model if isinstance(model, bytes) else os.fspath(model)
+    try:
+        return ort.InferenceSession(
+            source, sess_options=session_options(threads, optimize), providers=list(providers)
+        )
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QCompileError(f"ONNX Runtime cannot load the model: {first}") from exc
