@@ -195,6 +195,14 @@ def models_export(names, force):
         click.echo(f"{ref.name}: {ref.onnx_path}")
 
 
+@models_group.command("path")
+@click.argument("name")
+def models_path(name):
+    """Print the cached ONNX file of a reference model (exporting it first if needed)."""
+    models = _import_models()
+    click.echo(models.export(_model_name(models, name)).onnx_path)
+
+
 @models_group.command("describe")
 @click.argument("name")
 def models_describe(name):

@@ -46,9 +46,9 @@ class TensorStats:
         """Fold a batch of values in. Non-finite values are ignored (counted nowhere)."""
         x = np.asarray(x, np.float32)
         if x.ndim and x.shape[-1] and x.size:
-            absmax = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0)
-            absmax = np.where(np.isfinite(absmax), absmax, 0.0)
-            self._update_channels(absmax)
+            magnitude = np.abs(x.reshape(-1, x.shape[-1]))
+            magnitude[~np.isfinite(magnitude)] = 0.0
+            self._update_channels(magnitude.max(axis=0))
         flat = x.ravel()
         flat = flat[np.isfinite(flat)]
         if flat.size == 0:

@@ -1,0 +1,17 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("QCOMPILE_SLOW") != "1":
+        skip = pytest.mark.skip(reason="slow: set QCOMPILE_SLOW=1 to run")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip)
