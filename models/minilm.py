@@ -58,13 +58,14 @@ def export_onnx(out_dir: Path) -> dict:
     batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=2, max=512)
     dims = {0: batch, 1: seq}
     torch.onnx.export(
-        _LastHiddenState(model),
+        _LastHiddenState(model).eval(),
         tuple(example[name] for name in INPUT_NAMES),
         out_dir / "model.onnx",
         input_names=list(INPUT_NAMES),
         output_names=[OUTPUT_NAME],
         dynamic_shapes={name: dims for name in INPUT_NAMES},
         dynamo=True,
+        verbose=False,
         external_data=False,
     )
     tokenizer.save_pretrained(out_dir / "tokenizer")

@@ -111,6 +111,7 @@ def export_onnx(out_dir: Path) -> dict:
         output_names=[OUTPUT_NAME],
         dynamic_shapes={"x": {0: batch}},
         dynamo=True,
+        verbose=False,
         external_data=False,
     )
     return {"parameters": params}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -32,14 +31,10 @@ def weights_dir() -> Path:
 
 
 def load_torch_model() -> transformers.PreTrainedModel:
-    """The causal LM in float32 eval mode with eager attention.
-
-    transformers refuses GGUF files unless ``accelerate`` is importable, although the
-    CPU load path never uses it; the check is bypassed for this one call.
-    """
-    with mock.patch.object(transformers.modeling_utils, "is_accelerate_available", return_value=True):
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            weights_dir(), gguf_file=GGUF_FILE, attn_implementation="eager", dtype=torch.float32)
+    """The causal LM in float32 eval mode with eager attention (GGUF loading needs the
+    ``accelerate`` package installed)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        weights_dir(), gguf_file=GGUF_FILE, attn_implementation="eager", dtype=torch.float32)
     return model.eval()
 
 
@@ -72,6 +67,7 @@ def export_onnx(out_dir: Path) -> dict:
         output_names=[OUTPUT_NAME],
         dynamic_shapes={"input_ids": dims},
         dynamo=True,
+        verbose=False,
         external_data=False,
     )
     load_source_tokenizer().save_pretrained(out_dir / "tokenizer")

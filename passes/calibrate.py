@@ -29,6 +29,11 @@ def activations_to_observe(model: ir.Model) -> list[ir.Value]:
     return list(seen.values())
 
 
+def channel_axes(model: ir.Model) -> dict[str, int]:
+    """The channel axis of each target activation: 1 for a Conv input (NCHW), else the last."""
+    return {t.activation.name: 1 if t.op_type == "Conv" else -1 for t in targets(model)}
+
+
 class CalibratePass(ir.passes.InPlacePass):
     """Collect statistics for the target activations from ``feeds()``.
 
@@ -55,6 +60,7 @@ class CalibratePass(ir.passes.InPlacePass):
                 model,
                 values,
                 self.feeds(),
+                channel_axes=channel_axes(model),
                 mask_padding=self.config.mask_padding,
                 max_samples=self.config.max_samples,
                 progress=self.progress,

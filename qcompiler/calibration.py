@@ -35,14 +35,17 @@ def collect_stats(
     values: list[ir.Value],
     feeds: Iterable[Feed],
     *,
+    channel_axes: Mapping[str, int] | None = None,
     mask_padding: bool = True,
     max_samples: int | None = None,
     progress: bool = True,
 ) -> dict[str, TensorStats]:
-    """Statistics of ``values`` (by name) over the float model's run on ``feeds``."""
+    """Statistics of ``values`` (by name) over the float model's run on ``feeds``;
+    ``channel_axes`` gives a value's channel axis (default: the last)."""
     graph_inputs = {v.name for v in model.graph.inputs}
     observed = [v for v in values if v.name not in graph_inputs]
-    stats = {v.name: TensorStats() for v in values}
+    axes = channel_axes or {}
+    stats = {v.name: TensorStats(channel_axis=axes.get(v.name, -1)) for v in values}
     with tempfile.TemporaryDirectory(prefix="qcompile-calib-") as tmp:
         path = Path(tmp) / "calibration.onnx"
         with ir_utils.extra_outputs(model, observed):

@@ -60,7 +60,7 @@ def _recipe_options(f):
                      help="Tokenizer folder for --calib-text."),
         click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True,
                      help="Window length for --calib-text on a language model."),
-        click.option("--calib-method", type=click.Choice(CALIBRATION_METHODS), default="percentile",
+        click.option("--calib-method", type=click.Choice(CALIBRATION_METHODS), default="mse",
                      show_default=True, help="How static activation ranges are chosen."),
         click.option("--percentile", type=float, default=99.999, show_default=True,
                      help="Two-sided percentile kept by --calib-method percentile."),
@@ -220,19 +220,9 @@ def models_data(name, split, output, count):
     """Write calibration or evaluation feeds for a reference model (.npz or folder)."""
     models = _import_models()
     name = _model_name(models, name)
-    feeds = reference_feeds(models, name, split, count)
+    feeds = models.data.model_feeds(name, split, count)
     models.data.save_feeds_npz(feeds, output)
     click.echo(f"wrote {len(feeds)} {split} samples for {name} to {output}")
-
-
-def reference_feeds(models, name: str, split: str, count: int | None) -> list[dict]:
-    """The reference data of model ``name`` as feeds (calibration or evaluation split)."""
-    data = models.data
-    if name == "smollm2":
-        return [{"input_ids": w} for w in data.lm_windows(models.load_tokenizer(name), split, n=count)]
-    if name == "minilm":
-        return data.encoder_feeds(models.load_tokenizer(name), data.sentences(split)[:count])
-    return data.image_feeds(split, crops=True)[:count]
 
 
 def _import_models():

@@ -13,8 +13,8 @@ from typing import Literal
 from qcompiler.errors import QCompileError
 from qcompiler.ranges import CALIBRATION_METHODS
 
-ActivationScheme = Literal["static", "dynamic", "per-token"]
-ACTIVATION_SCHEMES: tuple[str, ...] = ("static", "dynamic", "per-token")
+ActivationScheme = Literal["static", "dynamic", "per-token", "per-token-sym"]
+ACTIVATION_SCHEMES: tuple[str, ...] = ("static", "dynamic", "per-token", "per-token-sym")
 QUANTIZABLE_OPS: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
 
 
@@ -29,7 +29,7 @@ class CalibrationConfig:
     so that padded tokens never widen a range.
     """
 
-    method: str = "percentile"
+    method: str = "mse"
     percentile: float = 99.999
     max_samples: int | None = None
     mask_padding: bool = True
@@ -53,8 +53,10 @@ class W8A8Config:
     ``activations``:
       * ``static``: one uint8 scale/zero point per tensor, calibrated offline (QDQ);
       * ``dynamic``: one uint8 scale/zero point per tensor, computed at run time;
-      * ``per-token``: one symmetric scale per row of the activation matrix, computed at run
-        time, stored as ``round(x/s_row) + 128`` in uint8 (ONNX Runtime's fast U8S8 kernels).
+      * ``per-token``: one scale and offset per row of the activation matrix (asymmetric),
+        computed at run time; the offset is applied through precomputed weight column sums so
+        that ONNX Runtime's fast U8S8 kernels (scalar zero point) still run;
+      * ``per-token-sym``: one symmetric scale per row, stored as ``round(x/s_row) + 128``.
     ``op_types``: which weighted ops are quantized. ``exclude``: node names left in float.
     Activation×activation MatMuls (attention scores) stay in float.
     """

@@ -6,8 +6,9 @@ W8A8 (``w8a8_passes``)::
     select targets          which MatMul/Gemm/Conv are quantized (annotation only)
     calibrate               static only: observe the float model, before anything is rewritten
     quantize weights        int8 symmetric per output channel, behind DequantizeLinear
+    bias correction         static only: −E[ΔW·x] from calibration means folded into biases
     activations             static: calibrated uint8 Q/DQ on each target's input
-                            dynamic / per-token: lowered to MatMulInteger + rescale
+                            dynamic / per-token(-sym): lowered to MatMulInteger + rescale
     clean up                dead float weights and replaced ops removed, values named
 
 Every pass runs inside ``Measured``, which records what it changed (op types added/removed,
@@ -28,6 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 import qcompiler
+from passes.bias_correction import BiasCorrectionPass
 from passes.calibrate import STATS_KEY, CalibratePass, activations_to_observe
 from passes.canonicalize import CanonicalizePass
 from passes.cleanup import CleanupPass
@@ -62,13 +64,15 @@ def w8a8_passes(
             # Calibrate the float model: must come before any rewrite changes the activations.
             CalibratePass(feeds, config.calibration, progress),
             QuantizeWeightsPass(),
+            # Needs the float and the quantized weight and the calibrated channel means.
+            BiasCorrectionPass(),
             InsertStaticQDQPass(config.calibration),
         ]
     else:
         passes += [
             QuantizeWeightsPass(),
             # Reads the int8 weights the previous pass attached to each target.
-            LowerDynamicActivationsPass(per_token=config.activations == "per-token"),
+            LowerDynamicActivationsPass(config.activations),
         ]
     passes.append(CleanupPass())
     return passes

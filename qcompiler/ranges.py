@@ -1,7 +1,8 @@
 """Streaming activation statistics and the choice of a quantization range from them (numpy).
 
 ``TensorStats`` is updated batch by batch and never keeps the activations: exact min/max, the
-per-channel absmax of the last axis (for SmoothQuant) and a histogram over ``[-R, R]`` whose
+per-channel absmax (for SmoothQuant) and mean (for bias correction) along a channel axis (the
+last one for MatMul inputs, 1 for NCHW convs), and a histogram over ``[-R, R]`` whose
 half-width ``R`` is a power of two. When a batch exceeds ``R``, ``R`` doubles and adjacent bin
 pairs merge, so the histogram stays exact (no re-interpolation) whatever the order of batches.
 
@@ -10,7 +11,8 @@ Ranges (seed 004, "Dynamic Range for Activation Quantization"):
 * ``minmax``: ``[min, max]`` as observed;
 * ``percentile``: clip to the ``p``-th percentile at both ends;
 * ``entropy``: the symmetric threshold ``T`` minimising ``KL(P ‖ Q)`` between the histogram of
-  ``|x|`` clipped at ``T`` and its quantization to ``2^(bits-1)`` levels (TensorRT's method);
+  ``|x|`` clipped at ``T`` and its quantization to ``2^(bits-1)`` levels (TensorRT's method;
+  the bin at zero is left out, since zeros quantize exactly);
 * ``mse``: the range minimising the expected squared error of affine ``bits``-bit
   quantization of the histogram's mass.
 """
@@ -31,24 +33,25 @@ DEFAULT_BINS = 4096
 class TensorStats:
     """Streaming statistics of one activation tensor."""
 
-    def __init__(self, bins: int = DEFAULT_BINS) -> None:
+    def __init__(self, bins: int = DEFAULT_BINS, channel_axis: int = -1) -> None:
         if bins % 4:
             raise ValueError("bins must be a multiple of 4")
         self.bins = bins
+        self.channel_axis = channel_axis
         self.count = 0
         self.min = math.inf
         self.max = -math.inf
         self.half_width = 0.0  # R: the histogram covers [-R, R]
         self.hist = np.zeros(bins, np.int64)
         self.channel_absmax: np.ndarray | None = None
+        self._channel_sum: np.ndarray | None = None
+        self._channel_count: np.ndarray | None = None
 
     def update(self, x: np.ndarray) -> None:
         """Fold a batch of values in. Non-finite values are ignored (counted nowhere)."""
         x = np.asarray(x, np.float32)
-        if x.ndim and x.shape[-1] and x.size:
-            magnitude = np.abs(x.reshape(-1, x.shape[-1]))
-            magnitude[~np.isfinite(magnitude)] = 0.0
-            self._update_channels(magnitude.max(axis=0))
+        if x.ndim and x.size:
+            self._update_channels(np.moveaxis(x, self.channel_axis, -1).reshape(-1, x.shape[self.channel_axis]))
         flat = x.ravel()
         flat = flat[np.isfinite(flat)]
         if flat.size == 0:
@@ -61,14 +64,28 @@ class TensorStats:
         index = np.floor((flat.astype(np.float64) + self.half_width) / width).astype(np.int64)
         self.hist += np.bincount(np.clip(index, 0, self.bins - 1), minlength=self.bins)
 
-    def _update_channels(self, absmax: np.ndarray) -> None:
-        if self.channel_absmax is None or self.channel_absmax.shape != absmax.shape:
-            if self.channel_absmax is not None:  # last axis changed size: not a channel axis
-                self.channel_absmax = np.zeros(0, np.float32)
-                return
-            self.channel_absmax = absmax.astype(np.float32)
-        elif self.channel_absmax.size:
+    def _update_channels(self, rows: np.ndarray) -> None:
+        """``rows``: ``[n, channels]``. A channel axis whose size changes between batches is not
+        a channel axis: the per-channel statistics are then dropped (empty)."""
+        finite = np.isfinite(rows)
+        clean = np.where(finite, rows, 0.0)
+        absmax, total, count = np.abs(clean).max(axis=0), clean.sum(axis=0, dtype=np.float64), finite.sum(axis=0)
+        if self.channel_absmax is None:
+            self.channel_absmax, self._channel_sum, self._channel_count = absmax, total, count
+        elif self.channel_absmax.shape != absmax.shape or not self.channel_absmax.size:
+            self.channel_absmax = np.zeros(0, np.float32)
+            self._channel_sum = self._channel_count = np.zeros(0)
+        else:
             np.maximum(self.channel_absmax, absmax, out=self.channel_absmax)
+            self._channel_sum += total
+            self._channel_count += count
+
+    @property
+    def channel_mean(self) -> np.ndarray | None:
+        """Mean of each channel over every observed position (None before any batch)."""
+        if self._channel_sum is None:
+            return None
+        return (self._channel_sum / np.maximum(self._channel_count, 1)).astype(np.float32)
 
     def _grow_to(self, amax: float) -> None:
         if self.half_width == 0.0:
@@ -130,6 +147,11 @@ def _entropy_range(stats: TensorStats, bits: int) -> Range:
     """KL-divergence threshold on the folded histogram of ``|x|``."""
     half = stats.bins // 2
     folded = stats.hist[half:] + stats.hist[:half][::-1]
+    # The bin at zero holds ReLU's zeros (often most of the mass); zero is always exact, so it
+    # must not vote: smeared over a chunk it would make every wide threshold look bad.
+    folded[0] = 0
+    if not folded.any():
+        return Range(stats.min, stats.max)
     levels = 2 ** (bits - 1) if stats.min < 0 else 2**bits
     threshold_bin = _kl_threshold_bin(folded.astype(np.float64), levels)
     threshold = threshold_bin * stats.half_width / half

@@ -1,0 +1,155 @@
+"""W8A8 benchmark: fp32, qcompile's W8A8 variants and onnxruntime.quantization, in one run.
+
+For each reference model (all-MiniLM-L6-v2, MobileNetV2, SmolLM2-135M) it compiles every
+variant from the same calibration split, evaluates all of them on the same held-apart split with
+qcompile's evaluation harness, and times them interleaved (ONNX Runtime CPU provider, 2 threads,
+median). Prints a markdown table and writes ``bench/results/w8a8.json`` and ``w8a8.md``.
+
+    python bench/w8a8.py [--models minilm mobilenetv2 smollm2] [--work out/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import models  # noqa: E402
+import models.data  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType  # noqa: E402
+from onnxruntime.quantization import quantize_dynamic, quantize_static  # noqa: E402
+
+from qcompiler import eval_data, evaluate  # noqa: E402
+from qcompiler.config import CalibrationConfig, W8A8Config  # noqa: E402
+from qcompiler.pipeline import compile_model, model_file_bytes  # noqa: E402
+from runtime.session import create_session  # noqa: E402
+
+THREADS = 2
+# Calibration samples per model (the calibration split; never evaluated on).
+CALIB_SAMPLES = {"minilm": 188, "mobilenetv2": 200, "smollm2": 16}
+# ORT's calibrator keeps every activation of every sample in memory: fewer windows for the LM.
+ORT_STATIC_SAMPLES = {"minilm": 64, "mobilenetv2": 64, "smollm2": 4}
+TASK = {"minilm": "embedding", "mobilenetv2": "image", "smollm2": "lm"}
+
+
+class _Reader(CalibrationDataReader):
+    def __init__(self, feeds):
+        self._it = iter(feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def qcompile_variants(name: str) -> dict[str, W8A8Config]:
+    variants = {"qcompile static": W8A8Config(activations="static", calibration=CalibrationConfig())}
+    if name != "mobilenetv2":  # dynamic schemes lower MatMul/Gemm only; convs stay float
+        variants["qcompile per-token"] = W8A8Config(activations="per-token")
+        variants["qcompile dynamic"] = W8A8Config(activations="dynamic")
+    return variants
+
+
+def build_variants(name: str, float_path: Path, work: Path) -> dict[str, dict]:
+    """Compile every variant; returns {label: {"path", "compile_s"}}."""
+    calib = models.data.model_feeds(name, "calib", CALIB_SAMPLES[name])
+    out = {"fp32": {"path": float_path, "compile_s": 0.0}}
+    for label, config in qcompile_variants(name).items():
+        path = work / f"{name}.{label.replace(' ', '_')}.onnx"
+        start = time.perf_counter()
+        compile_model(float_path, path, config, feeds=lambda: iter(calib), progress=False)
+        out[label] = {"path": path, "compile_s": time.perf_counter() - start}
+    path = work / f"{name}.ort_dynamic.onnx"
+    start = time.perf_counter()
+    quantize_dynamic(float_path, path, per_channel=True, weight_type=QuantType.QInt8)
+    out["ORT quantize_dynamic"] = {"path": path, "compile_s": time.perf_counter() - start}
+    path = work / f"{name}.ort_static.onnx"
+    start = time.perf_counter()
+    quantize_static(
+        float_path, path, _Reader(calib[: ORT_STATIC_SAMPLES[name]]), quant_format=QuantFormat.QDQ,
+        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+    )
+    out["ORT quantize_static"] = {"path": path, "compile_s": time.perf_counter() - start}
+    return out
+
+
+def evaluate_variants(name: str, variants: dict[str, dict]) -> list[dict]:
+    task = TASK[name]
+    data = eval_data.default_eval_data(task)
+    sessions = {label: create_session(v["path"], threads=THREADS) for label, v in variants.items()}
+    rows = []
+    for label, v in variants.items():
+        row = {"model": name, "variant": label, "bytes": model_file_bytes(Path(v["path"])),
+               "compile_s": round(v["compile_s"], 1)}
+        if task == "embedding":
+            row.update(evaluate.embedding_metrics(sessions["fp32"], sessions[label], data.feeds, data.padded))
+        elif task == "lm":
+            row["perplexity"] = evaluate.perplexity(sessions[label], data.feeds)
+        else:
+            row.update(evaluate.image_metrics(sessions["fp32"], sessions[label], data.feeds, data.labelled))
+        rows.append(row)
+    if task == "lm":
+        base = rows[0]["perplexity"]
+        for row in rows:
+            row["perplexity ratio"] = row["perplexity"] / base
+    for shape, feed in data.latency_feeds.items():
+        ms = evaluate.interleaved_latency(sessions, feed, runs=10 if task == "lm" else 30)
+        for row in rows:
+            row[f"ms {shape}"] = ms[row["variant"]]
+            row[f"speed-up {shape}"] = ms["fp32"] / ms[row["variant"]]
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = []
+    for name in dict.fromkeys(r["model"] for r in rows):
+        group = [r for r in rows if r["model"] == name]
+        keys = [k for k in group[0] if k not in ("model",)]
+        lines.append(f"\n**{name}**\n")
+        lines.append("| " + " | ".join(keys) + " |")
+        lines.append("|" + "---|" * len(keys))
+        for r in group:
+            lines.append("| " + " | ".join(_cell(k, r.get(k)) for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def _cell(key: str, v) -> str:
+    if key == "bytes":
+        return f"{v / 1e6:.1f} MB"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["minilm", "mobilenetv2", "smollm2"])
+    parser.add_argument("--work", type=Path, default=ROOT / "out" / "bench")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.models:
+        print(f"[{name}] exporting / compiling", flush=True)
+        variants = build_variants(name, models.export(name).onnx_path, args.work)
+        print(f"[{name}] evaluating", flush=True)
+        rows += evaluate_variants(name, variants)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, ONNX Runtime {ort.__version__} CPU, {THREADS} threads"
+    table = f"Machine: {machine}\n" + markdown(rows)
+    print(table)
+    (args.results / "w8a8.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2, default=float))
+    (args.results / "w8a8.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
