@@ -55,6 +55,7 @@ def qcompile_variants(name: str) -> dict[str, W8A8Config]:
     variants = {"qcompile static": W8A8Config(activations="static", calibration=CalibrationConfig())}
     if name != "mobilenetv2":  # dynamic schemes lower MatMul/Gemm only; convs stay float
         variants["qcompile per-token"] = W8A8Config(activations="per-token")
+        variants["qcompile per-token-sym"] = W8A8Config(activations="per-token-sym")
         variants["qcompile dynamic"] = W8A8Config(activations="dynamic")
     return variants
 
@@ -68,23 +69,30 @@ def build_variants(name: str, float_path: Path, work: Path) -> dict[str, dict]:
         start = time.perf_counter()
         compile_model(float_path, path, config, feeds=lambda: iter(calib), progress=False)
         out[label] = {"path": path, "compile_s": time.perf_counter() - start}
-    path = work / f"{name}.ort_dynamic.onnx"
-    start = time.perf_counter()
-    quantize_dynamic(float_path, path, per_channel=True, weight_type=QuantType.QInt8)
-    out["ORT quantize_dynamic"] = {"path": path, "compile_s": time.perf_counter() - start}
-    path = work / f"{name}.ort_static.onnx"
-    start = time.perf_counter()
-    quantize_static(
-        float_path, path, _Reader(calib[: ORT_STATIC_SAMPLES[name]]), quant_format=QuantFormat.QDQ,
-        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-    )
-    out["ORT quantize_static"] = {"path": path, "compile_s": time.perf_counter() - start}
+    baselines = {
+        "ORT quantize_dynamic": lambda path: quantize_dynamic(
+            float_path, path, per_channel=True, weight_type=QuantType.QInt8),
+        "ORT quantize_static": lambda path: quantize_static(
+            float_path, path, _Reader(calib[: ORT_STATIC_SAMPLES[name]]), quant_format=QuantFormat.QDQ,
+            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8),
+    }
+    for label, quantize in baselines.items():
+        path = work / f"{name}.{label.split()[1]}.onnx"
+        start = time.perf_counter()
+        try:
+            quantize(path)
+        except Exception as exc:  # the baseline tool's own failure is a result too
+            out[label] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+            continue
+        out[label] = {"path": path, "compile_s": time.perf_counter() - start}
     return out
 
 
 def evaluate_variants(name: str, variants: dict[str, dict]) -> list[dict]:
     task = TASK[name]
     data = eval_data.default_eval_data(task)
+    failed = [{"model": name, "variant": label, "error": v["error"]} for label, v in variants.items() if "error" in v]
+    variants = {label: v for label, v in variants.items() if "error" not in v}
     sessions = {label: create_session(v["path"], threads=THREADS) for label, v in variants.items()}
     rows = []
     for label, v in variants.items():
@@ -106,19 +114,22 @@ def evaluate_variants(name: str, variants: dict[str, dict]) -> list[dict]:
         for row in rows:
             row[f"ms {shape}"] = ms[row["variant"]]
             row[f"speed-up {shape}"] = ms["fp32"] / ms[row["variant"]]
-    return rows
+    return rows + failed
 
 
 def markdown(rows: list[dict]) -> str:
     lines = []
     for name in dict.fromkeys(r["model"] for r in rows):
-        group = [r for r in rows if r["model"] == name]
+        group = [r for r in rows if r["model"] == name and "error" not in r]
         keys = [k for k in group[0] if k not in ("model",)]
         lines.append(f"\n**{name}**\n")
         lines.append("| " + " | ".join(keys) + " |")
         lines.append("|" + "---|" * len(keys))
         for r in group:
             lines.append("| " + " | ".join(_cell(k, r.get(k)) for k in keys) + " |")
+        for r in rows:
+            if r["model"] == name and "error" in r:
+                lines.append(f"\n{r['variant']} failed on this model: `{r['error']}`")
     return "\n".join(lines)
 
 
@@ -138,17 +149,17 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.results.mkdir(parents=True, exist_ok=True)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, ONNX Runtime {ort.__version__} CPU, {THREADS} threads"
     rows = []
     for name in args.models:
         print(f"[{name}] exporting / compiling", flush=True)
         variants = build_variants(name, models.export(name).onnx_path, args.work)
         print(f"[{name}] evaluating", flush=True)
         rows += evaluate_variants(name, variants)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, ONNX Runtime {ort.__version__} CPU, {THREADS} threads"
-    table = f"Machine: {machine}\n" + markdown(rows)
+        table = f"Machine: {machine}\n" + markdown(rows)
+        (args.results / "w8a8.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2, default=float))
+        (args.results / "w8a8.md").write_text(table + "\n")
     print(table)
-    (args.results / "w8a8.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2, default=float))
-    (args.results / "w8a8.md").write_text(table + "\n")
 
 
 if __name__ == "__main__":

@@ -8,12 +8,10 @@ it (q/k/v projections read one tensor).
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
-
 import onnx_ir as ir
 
 from passes.select_targets import targets
-from qcompiler.calibration import Feed, collect_stats
+from qcompiler.calibration import FeedSource, collect_stats
 from qcompiler.config import CalibrationConfig
 
 STATS_KEY = "qcompile.stats"
@@ -43,7 +41,7 @@ class CalibratePass(ir.passes.InPlacePass):
 
     def __init__(
         self,
-        feeds: Callable[[], Iterable[Feed]],
+        feeds: FeedSource,
         config: CalibrationConfig = CalibrationConfig(),
         progress: bool = True,
     ) -> None:

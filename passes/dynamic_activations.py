@@ -76,14 +76,19 @@ class LowerDynamicActivationsPass(ir.passes.InPlacePass):
         if scheme not in SCHEMES:
             raise ValueError(f"unknown dynamic scheme {scheme!r}")
         self.scheme = scheme
+        self.summary = ""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph, modified = model.graph, False
         opset = model.opset_imports.get("", 13)
         quantized: dict[int, tuple] = {}
+        float_convs = 0
         for target in targets(model):  # graph order: the first reader of X comes first
             node = target.node
-            if target.op_type == "Conv" or ACTIVATION_KEY in node.meta or WEIGHT_KEY not in node.meta:
+            if ACTIVATION_KEY in node.meta or WEIGHT_KEY not in node.meta:
+                continue
+            if target.op_type == "Conv":
+                float_convs += 1
                 continue
             key = id(target.activation)
             if key not in quantized:
@@ -91,6 +96,10 @@ class LowerDynamicActivationsPass(ir.passes.InPlacePass):
             self._lower(graph, target, *quantized[key])
             node.meta[ACTIVATION_KEY] = self.scheme
             modified = True
+        self.summary = (
+            f"{float_convs} Conv keep float activations (static needs --calib-data)"
+            if float_convs else ""
+        )
         return ir.passes.PassResult(model, modified=modified)
 
     def _quantize_activation(self, graph: ir.Graph, target: QuantTarget, opset: int):

@@ -17,15 +17,13 @@ import dataclasses
 import hashlib
 import zipfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.calibration import Feed
+from qcompiler.calibration import Feed, FeedSource
 from qcompiler.errors import QCompileError
-
-FeedSource = Callable[[], Iterator[Feed]]
 
 _NUMPY_DTYPES = {
     ir.DataType.FLOAT: np.float32,

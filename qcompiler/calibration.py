@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -28,6 +28,8 @@ from runtime.session import create_session
 MASK_INPUT = "attention_mask"
 
 Feed = Mapping[str, np.ndarray]
+# A callable returning a fresh iterable of feeds each time it is called.
+FeedSource = Callable[[], Iterable[Feed]]
 
 
 def collect_stats(

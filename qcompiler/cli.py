@@ -21,6 +21,7 @@ from qcompiler.errors import QCompileError
 from qcompiler.ranges import CALIBRATION_METHODS
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
 
 
 class _DefaultCommandGroup(click.Group):
@@ -258,6 +259,16 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         click.echo(f"qcompile: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
         return EXIT_BAD_INPUT
+    except Exception as exc:  # a bug, not bad input: one line, the traceback on request
+        if os.environ.get("QCOMPILE_DEBUG") == "1":
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        click.echo(
+            f"qcompile: internal error: {type(exc).__name__}: {first} "
+            "(set QCOMPILE_DEBUG=1 for the traceback; please report it)",
+            err=True,
+        )
+        return EXIT_INTERNAL
     return 0
 
 

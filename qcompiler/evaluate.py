@@ -205,16 +205,22 @@ def evaluate(
         "float": create_session(float_path, threads=threads),
         "quant": create_session(quant_path, threads=threads),
     }
-    if task == "embedding":
-        metrics = embedding_metrics(sessions["float"], sessions["quant"], data.feeds, data.padded)
-    elif task == "lm":
-        metrics = lm_metrics(sessions["float"], sessions["quant"], data.feeds)
-    else:
-        metrics = image_metrics(sessions["float"], sessions["quant"], data.feeds, data.labelled)
-    latency = {
-        label: interleaved_latency(sessions, feed, runs=latency_runs)
-        for label, feed in data.latency_feeds.items()
-    }
+    try:
+        if task == "embedding":
+            metrics = embedding_metrics(sessions["float"], sessions["quant"], data.feeds, data.padded)
+        elif task == "lm":
+            metrics = lm_metrics(sessions["float"], sessions["quant"], data.feeds)
+        else:
+            metrics = image_metrics(sessions["float"], sessions["quant"], data.feeds, data.labelled)
+        latency = {
+            label: interleaved_latency(sessions, feed, runs=latency_runs)
+            for label, feed in data.latency_feeds.items()
+        }
+    except (RuntimeError, KeyError, ValueError, IndexError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise QCompileError(
+            f"cannot evaluate these models as task {task!r} on this data ({first})"
+        ) from exc
     return Evaluation(
         task, metrics, model_file_bytes(float_path), model_file_bytes(quant_path), latency
     )

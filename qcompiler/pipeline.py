@@ -23,7 +23,6 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import onnx_ir as ir
@@ -38,12 +37,10 @@ from passes.insert_static_qdq import InsertStaticQDQPass
 from passes.quantize_weights import QuantizeWeightsPass
 from passes.select_targets import SelectTargetsPass
 from qcompiler import ir_utils
-from qcompiler.calibration import Feed
+from qcompiler.calibration import FeedSource
 from qcompiler.config import W8A8Config
 from qcompiler.errors import QCompileError
 from qcompiler.ranges import TensorStats
-
-FeedSource = Callable[[], Iterable[Feed]]
 
 
 def w8a8_passes(

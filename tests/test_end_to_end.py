@@ -104,3 +104,49 @@ def test_smollm2_per_token_perplexity(tmp_path):
     result = _eval(float_path, out, "lm", tmp_path, "--limit", "16")
     assert result["metrics"]["windows"] == 16
     assert result["metrics"]["perplexity ratio"] <= 1.03
+
+
+def test_minilm_static_from_calibration_text(minilm, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(models.data.sentences("calib")[:48]), encoding="utf-8")
+    tokenizer_dir = models.export("minilm").tokenizer_dir
+    out = tmp_path / "minilm.text.onnx"
+    _compile([minilm, "--w8a8", "--calib-text", text, "--tokenizer", tokenizer_dir, "-o", out])
+    result = _eval(minilm, out, "embedding", tmp_path, "--limit", "60")
+    assert result["metrics"]["mean cosine (unpadded)"] >= 0.99
+
+
+def test_language_model_calibration_text_gives_token_windows(tmp_path):
+    """--calib-text on a model with a single input_ids input cuts the text into windows."""
+    from onnx import TensorProto, helper
+
+    from qcompiler import calib_data
+    from qcompiler.ir_utils import load_model
+    from tests import graphs
+
+    tokenizer_dir = models.export("minilm").tokenizer_dir
+    vocab = len(models.load_tokenizer("minilm"))
+    rng = np.random.default_rng(0)
+    proto = graphs.make_model(
+        [helper.make_node("Gather", ["embedding", "input_ids"], ["h"]),
+         helper.make_node("MatMul", ["h", "head"], ["logits"])],
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", 16])],
+        {"embedding": rng.normal(size=(vocab, 8)).astype(np.float32), "head": rng.normal(size=(8, 16)).astype(np.float32)},
+    )
+    path = tmp_path / "lm.onnx"
+    onnx.save(proto, path)
+    text = tmp_path / "wiki.txt"
+    text.write_text(" ".join(models.data.sentences("calib")), encoding="utf-8")
+    windows = list(calib_data.text_source(text, tokenizer_dir, calib_data.input_specs(load_model(path)), seq_len=64)())
+    assert len(windows) >= 10 and all(w["input_ids"].shape == (1, 64) for w in windows)
+    out = tmp_path / "lm.w8a8.onnx"
+    _compile([path, "--w8a8", "--calib-text", text, "--tokenizer", tokenizer_dir, "--seq-len", "64", "-o", out])
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(out).graph.node}
+
+
+def test_eval_on_the_wrong_task_is_one_line_and_exit_2(tmp_path, capsys):
+    float_path = models.export("mobilenetv2").onnx_path
+    assert main(["eval", str(float_path), str(float_path), "--task", "lm", "--limit", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot evaluate" in err[0]
