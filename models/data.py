@@ -278,17 +278,23 @@ def model_feeds(name: str, split: str, n: int | None = None, cache_dir: Path | N
     raise ValueError(f"unknown model {name!r}")
 
 
-def save_feeds_npz(feeds: list[dict], path) -> None:
-    """Save feeds: one .npz of arrays stacked on a new leading sample axis when all feeds
-    share shapes, otherwise a folder (``path`` without ``.npz``) of one .npz per feed."""
+def save_feeds_npz(feeds: list[dict], path) -> Path:
+    """Save feeds in the two layouts ``--calib-data`` reads, exactly at ``path``:
+
+    * ``path`` ending in ``.npz``: one file, arrays stacked on a new leading sample axis (all
+      feeds must share shapes);
+    * any other ``path``: a folder of one ``.npz`` per feed (shapes may differ).
+    """
     if not feeds:
         raise ValueError("no feeds to save")
     path = Path(path)
-    shapes = {tuple((key, value.shape) for key, value in sorted(feed.items())) for feed in feeds}
-    if len(shapes) == 1:
+    if path.suffix == ".npz":
+        shapes = {tuple((key, value.shape) for key, value in sorted(feed.items())) for feed in feeds}
+        if len(shapes) != 1:
+            raise ValueError(f"the samples differ in shape; give a folder path (without .npz), not {path}")
         np.savez(path, **{key: np.stack([feed[key] for feed in feeds]) for key in feeds[0]})
-        return
-    folder = path.with_suffix("")
-    folder.mkdir(parents=True, exist_ok=True)
+        return path
+    path.mkdir(parents=True, exist_ok=True)
     for i, feed in enumerate(feeds):
-        np.savez(folder / f"{i:05d}.npz", **feed)
+        np.savez(path / f"{i:05d}.npz", **feed)
+    return path

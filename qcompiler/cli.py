@@ -218,12 +218,16 @@ def models_describe(name):
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
 @click.option("-n", "--count", type=click.IntRange(min=1), help="Number of samples.")
 def models_data(name, split, output, count):
-    """Write calibration or evaluation feeds for a reference model (.npz or folder)."""
+    """Write calibration or evaluation feeds for a reference model: OUTPUT ending in .npz is
+    one stacked file (equal shapes only), any other OUTPUT a folder of one .npz per sample."""
     models = _import_models()
     name = _model_name(models, name)
     feeds = models.data.model_feeds(name, split, count)
-    models.data.save_feeds_npz(feeds, output)
-    click.echo(f"wrote {len(feeds)} {split} samples for {name} to {output}")
+    try:
+        written = models.data.save_feeds_npz(feeds, output)
+    except ValueError as exc:
+        raise QCompileError(str(exc)) from exc
+    click.echo(f"wrote {len(feeds)} {split} samples for {name} to {written}")
 
 
 def _import_models():

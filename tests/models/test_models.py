@@ -215,5 +215,7 @@ def test_save_feeds_npz_stacks_or_writes_folder(tmp_path):
     data.save_feeds_npz(same, tmp_path / "same.npz")
     assert np.load(tmp_path / "same.npz")["x"].shape == (3, 1, 4)
     ragged = [{"x": np.zeros((1, n), np.int64)} for n in (2, 5)]
-    data.save_feeds_npz(ragged, tmp_path / "ragged.npz")
-    assert [np.load(tmp_path / "ragged" / f"{i:05d}.npz")["x"].shape for i in range(2)] == [(1, 2), (1, 5)]
+    with pytest.raises(ValueError, match="differ in shape"):
+        data.save_feeds_npz(ragged, tmp_path / "ragged.npz")
+    assert data.save_feeds_npz(ragged, tmp_path / "ragged.calib") == tmp_path / "ragged.calib"
+    assert [np.load(tmp_path / "ragged.calib" / f"{i:05d}.npz")["x"].shape for i in range(2)] == [(1, 2), (1, 5)]
