@@ -20,6 +20,8 @@ Measured on MobileNetV2 weight-only int8: top-1 agreement with fp32 on photo cro
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import onnx_ir as ir
 
@@ -29,6 +31,9 @@ from passes.select_targets import QuantTarget, targets
 from qcompiler import ir_utils
 
 CORRECTED_KEY = "qcompile.bias_corrected"
+CORRECTED = "biases corrected"
+NO_BIAS = "targets without a bias"
+NO_FIT = "targets whose statistics do not fit the weight"
 
 
 def output_shift(target: QuantTarget, dequantized: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
@@ -72,29 +77,29 @@ class BiasCorrectionPass(ir.passes.InPlacePass):
         self.summary = ""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        corrected = skipped = 0
+        outcomes: collections.Counter = collections.Counter()
         for target in targets(model):
             node = target.node
             stats = target.activation.meta.get(STATS_KEY)
             if CORRECTED_KEY in node.meta or WEIGHT_KEY not in node.meta or stats is None:
                 continue
             node.meta[CORRECTED_KEY] = self._correct(model.graph, target, stats.channel_mean)
-            corrected += node.meta[CORRECTED_KEY]
-            skipped += not node.meta[CORRECTED_KEY]
-        self.summary = f"corrected {corrected} biases" + (f", {skipped} targets without a bias" if skipped else "")
-        return ir.passes.PassResult(model, modified=corrected > 0)
+            outcomes[node.meta[CORRECTED_KEY]] += 1
+        self.summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted(outcomes.items()))
+        return ir.passes.PassResult(model, modified=outcomes[CORRECTED] > 0)
 
     @staticmethod
-    def _correct(graph: ir.Graph, target: QuantTarget, mean: np.ndarray | None) -> bool:
+    def _correct(graph: ir.Graph, target: QuantTarget, mean: np.ndarray | None) -> str:
+        """Fold the shift into a new bias initializer; returns what happened."""
         slot = _bias_slot(target)
-        if slot is None or mean is None or not mean.size:
-            return False
-        shift = output_shift(target, target.node.meta[WEIGHT_KEY].dequantize(), mean)
+        if slot is None:
+            return NO_BIAS
+        shift = None if mean is None else output_shift(target, target.node.meta[WEIGHT_KEY].dequantize(), mean)
         node, index = slot
         bias = ir_utils.constant_array(node.inputs[index])
         if shift is None or bias is None or bias.shape not in ((shift.size,), (1, shift.size)):
-            return False
+            return NO_FIT
         new_bias = (bias.astype(np.float64) - shift.reshape(bias.shape)).astype(bias.dtype)
         stem = (node.inputs[index].name or "bias") + ".corrected"
         node.replace_input_with(index, ir_utils.initializer(graph, stem, new_bias))
-        return True
+        return CORRECTED

@@ -95,11 +95,14 @@ def _feed_source(model_path, calib_data_path, calib_text, tokenizer, seq_len):
 
     specs = calib_data.input_specs(load_model(model_path))
     if calib_data_path is not None:
-        return calib_data.npz_source(calib_data_path, specs), calib_data.file_digest(calib_data_path)
-    if tokenizer is None:
+        source, digest = calib_data.npz_source(calib_data_path, specs), calib_data.file_digest(calib_data_path)
+    elif tokenizer is None:
         raise QCompileError("--calib-text needs --tokenizer DIR")
-    source = calib_data.text_source(calib_text, tokenizer, specs, seq_len)
-    return source, calib_data.file_digest(calib_text)
+    else:
+        source = calib_data.text_source(calib_text, tokenizer, specs, seq_len)
+        digest = calib_data.file_digest(calib_text)
+    next(iter(source()), None)  # check the first sample now, before any compile work
+    return source, digest
 
 
 @cli.command("compile")

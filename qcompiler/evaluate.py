@@ -38,7 +38,7 @@ TASKS = ("embedding", "lm", "image")
 @dataclasses.dataclass
 class Evaluation:
     task: str
-    metrics: dict[str, float]
+    metrics: dict[str, float | int]
     float_bytes: int
     quant_bytes: int
     latency_ms: dict[str, dict[str, float]]  # shape label -> {"float": ms, "quant": ms}
@@ -57,8 +57,10 @@ class Evaluation:
         return rows
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.5f}" if isinstance(v, float) and abs(v) < 10 else f"{v:.3f}"
+def _fmt(v: float | int) -> str:
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.5f}" if abs(v) < 10 else f"{v:.3f}"
 
 
 # --- task metrics ----------------------------------------------------------------------------
@@ -89,7 +91,7 @@ def embedding_metrics(
         metrics[f"min cosine ({label})"] = float(cos.min())
         if label == "unpadded":
             metrics["nearest-neighbour agreement"] = nearest_neighbour_agreement(ref, got)
-            metrics["sentences"] = float(len(ref))
+            metrics["sentences"] = len(ref)
     return metrics
 
 
@@ -127,7 +129,7 @@ def lm_metrics(float_session, quant_session, windows: Sequence[Feed]) -> dict[st
         "perplexity float": ppl_float,
         "perplexity quant": ppl_quant,
         "perplexity ratio": ppl_quant / ppl_float,
-        "windows": float(len(windows)),
+        "windows": len(windows),
     }
 
 
@@ -143,7 +145,7 @@ def image_metrics(
     labelled: Sequence[tuple[Feed, set[int]]] = (),
 ) -> dict[str, float]:
     ref, got = top1(float_session, feeds), top1(quant_session, feeds)
-    metrics = {"top-1 agreement": float(np.mean(ref == got)), "images": float(len(ref))}
+    metrics = {"top-1 agreement": float(np.mean(ref == got)), "images": len(ref)}
     if labelled:
         for label, session in (("float", float_session), ("quant", quant_session)):
             hits = [int(top1(session, [f])[0]) in ok for f, ok in labelled]

@@ -35,7 +35,7 @@ from passes.cleanup import CleanupPass
 from passes.dynamic_activations import LowerDynamicActivationsPass
 from passes.insert_static_qdq import InsertStaticQDQPass
 from passes.quantize_weights import QuantizeWeightsPass
-from passes.select_targets import SelectTargetsPass
+from passes.select_targets import QuantTarget, SelectTargetsPass, targets
 from qcompiler import ir_utils
 from qcompiler.calibration import FeedSource
 from qcompiler.config import W8A8Config
@@ -132,8 +132,18 @@ class Measured(ir.passes.InPlacePass):
 
 
 def run_passes(model: ir.Model, passes: list[ir.passes.PassBase]) -> list[PassReport]:
+    """Run ``passes`` in order; a QCompileError raised inside a pass (bad calibration data, say)
+    comes out as itself, not wrapped in onnx_ir's PassError."""
     reports: list[PassReport] = []
-    ir.passes.PassManager([Measured(p, reports) for p in passes])(model)
+    try:
+        ir.passes.PassManager([Measured(p, reports) for p in passes])(model)
+    except ir.passes.PassError as exc:
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, QCompileError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from exc
     return reports
 
 
@@ -181,21 +191,33 @@ def plan(model_path: str | Path, config: W8A8Config) -> list[PassReport]:
     """The passes a compile would run and what each would change; writes nothing."""
     model = ir_utils.load_model(model_path)
     passes = w8a8_passes(config, feeds=lambda: (), progress=False)
-    passes = [_PlaceholderStatsPass() if isinstance(p, CalibratePass) else p for p in passes]
+    passes = [PlanCalibratePass() if isinstance(p, CalibratePass) else p for p in passes]
     return run_passes(model, passes)
 
 
-class _PlaceholderStatsPass(ir.passes.InPlacePass):
-    """Stands in for calibration in ``plan``: unit-range statistics, no model run."""
+class PlanCalibratePass(ir.passes.InPlacePass):
+    """Stands in for calibration in ``plan``: placeholder statistics (range [-1, 1], channel
+    means 0, one per input channel of the reading op), no model run."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         values = activations_to_observe(model)
         self.summary = f"would observe {len(values)} activations"
+        channels = {id(t.activation): _input_channels(t) for t in targets(model)}
         for value in values:
-            stats = TensorStats()
-            stats.update(np.array([-1.0, 1.0], np.float32))
+            stats = TensorStats(channel_axis=1)
+            stats.update(np.tile(np.array([[-1.0], [1.0]], np.float32), (1, channels[id(value)])))
             value.meta[STATS_KEY] = stats
         return ir.passes.PassResult(model, modified=False)
+
+
+def _input_channels(target: QuantTarget) -> int:
+    """Input channels of a target's activation, read off its weight."""
+    weight, node = target.weight, target.node
+    if node.op_type == "Conv":
+        return node.attributes.get_int("group", 1) * weight.shape[1]
+    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+        return weight.shape[1]
+    return weight.shape[0]
 
 
 def _check_paths(model_path: Path, output_path: Path) -> None:

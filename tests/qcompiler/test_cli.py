@@ -58,6 +58,12 @@ def test_bad_input_is_one_line_and_exit_2(mlp_path, tmp_path, capsys, args, frag
     assert fragment in _one_line_error(capsys)
 
 
+def test_calibration_data_for_another_model_is_exit_2(mlp_path, tmp_path, capsys):
+    np.savez(tmp_path / "c.npz", input_ids=np.ones((2, 1, 8), np.int64))
+    assert main([str(mlp_path), "--w8a8", "--calib-data", str(tmp_path / "c.npz"), "--quiet"]) == 2
+    assert "inputs do not match the model" in _one_line_error(capsys)
+
+
 def test_console_script_exit_code(mlp_path):
     proc = subprocess.run([sys.executable, "-m", "qcompiler.cli", "nope.onnx", "--w8a8"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
