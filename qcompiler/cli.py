@@ -69,13 +69,16 @@ def _recipe_options(f):
                      help="Use at most this many calibration samples."),
         click.option("--exclude", multiple=True, metavar="NODE",
                      help="Keep this node in float (repeatable)."),
+        click.option("--keep-embeddings-float", is_flag=True,
+                     help="Leave embedding tables (Gather) in float."),
     ]
     for option in reversed(options):
         f = option(f)
     return f
 
 
-def _config(activations, calib_data_path, calib_text, calib_method, percentile, max_calib_samples, exclude):
+def _config(activations, calib_data_path, calib_text, calib_method, percentile, max_calib_samples,
+            exclude, keep_embeddings_float=False):
     has_data = calib_data_path is not None or calib_text is not None
     if activations is None:
         activations = "static" if has_data else "per-token"
@@ -84,7 +87,8 @@ def _config(activations, calib_data_path, calib_text, calib_method, percentile, 
     if calib_data_path is not None and calib_text is not None:
         raise QCompileError("give either --calib-data or --calib-text, not both")
     calibration = CalibrationConfig(calib_method, percentile, max_calib_samples)
-    return W8A8Config(activations=activations, calibration=calibration, exclude=tuple(exclude))
+    return W8A8Config(activations=activations, calibration=calibration, exclude=tuple(exclude),
+                      quantize_embeddings=not keep_embeddings_float)
 
 
 def _feed_source(model_path, calib_data_path, calib_text, tokenizer, seq_len):
@@ -112,12 +116,13 @@ def _feed_source(model_path, calib_data_path, calib_text, tokenizer, seq_len):
 @_recipe_options
 @click.option("--quiet", is_flag=True, help="No progress bars or pass summary.")
 def compile_command(model, output, recipe, activations, calib_data, calib_text, tokenizer,
-                    seq_len, calib_method, percentile, max_calib_samples, exclude, quiet):
+                    seq_len, calib_method, percentile, max_calib_samples, exclude,
+                    keep_embeddings_float, quiet):
     """Quantize MODEL."""
     from qcompiler.pipeline import compile_model
 
     config = _config(activations, calib_data, calib_text, calib_method, percentile,
-                     max_calib_samples, exclude)
+                     max_calib_samples, exclude, keep_embeddings_float)
     output = output or model.with_name(f"{model.stem}.{recipe}.onnx")
     feeds, digest = _feed_source(model, calib_data, calib_text, tokenizer, seq_len)
     result = compile_model(model, output, config, feeds, digest, progress=not quiet)
@@ -135,12 +140,12 @@ def compile_command(model, output, recipe, activations, calib_data, calib_text, 
 @click.argument("model", type=click.Path(path_type=Path))
 @_recipe_options
 def plan_command(model, recipe, activations, calib_data, calib_text, tokenizer, seq_len,
-                 calib_method, percentile, max_calib_samples, exclude):
+                 calib_method, percentile, max_calib_samples, exclude, keep_embeddings_float):
     """Print the passes a compile would run and what each would change; write nothing."""
     from qcompiler.pipeline import plan
 
     config = _config(activations, calib_data, calib_text, calib_method, percentile,
-                     max_calib_samples, exclude)
+                     max_calib_samples, exclude, keep_embeddings_float)
     click.echo(f"{model}: {recipe}, {config.activations} activations")
     for report in plan(model, config):
         click.echo(f"  {report.name:<30} {report.summary()}")

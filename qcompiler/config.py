@@ -65,6 +65,7 @@ class W8A8Config:
     calibration: CalibrationConfig = CalibrationConfig()
     op_types: tuple[str, ...] = QUANTIZABLE_OPS
     exclude: tuple[str, ...] = ()
+    quantize_embeddings: bool = True
 
     name = "w8a8"
 

@@ -6,6 +6,7 @@ W8A8 (``w8a8_passes``)::
     select targets          which MatMul/Gemm/Conv are quantized (annotation only)
     calibrate               static only: observe the float model, before anything is rewritten
     quantize weights        int8 symmetric per output channel, behind DequantizeLinear
+    quantize embeddings     large Gather tables as int8 rows + per-row scales
     bias correction         static only: −E[ΔW·x] from calibration means folded into biases
     activations             static: calibrated uint8 Q/DQ on each target's input
                             dynamic / per-token(-sym): lowered to MatMulInteger + rescale
@@ -34,6 +35,7 @@ from passes.canonicalize import CanonicalizePass
 from passes.cleanup import CleanupPass
 from passes.dynamic_activations import LowerDynamicActivationsPass
 from passes.insert_static_qdq import InsertStaticQDQPass
+from passes.quantize_embeddings import QuantizeEmbeddingsPass
 from passes.quantize_weights import QuantizeWeightsPass
 from passes.select_targets import QuantTarget, SelectTargetsPass, targets
 from qcompiler import ir_utils
@@ -71,6 +73,8 @@ def w8a8_passes(
             # Reads the int8 weights the previous pass attached to each target.
             LowerDynamicActivationsPass(config.activations),
         ]
+    if config.quantize_embeddings:
+        passes.append(QuantizeEmbeddingsPass())
     passes.append(CleanupPass())
     return passes
 

@@ -58,7 +58,7 @@ def test_minilm_w8a8(minilm, minilm_calib, tmp_path, scheme, min_mean_cosine):
     assert m["sentences"] == EVAL_SENTENCES
     assert m["mean cosine (unpadded)"] >= min_mean_cosine
     assert m["mean cosine (padded batch)"] >= min_mean_cosine
-    assert result["quant_bytes"] < 0.7 * result["float_bytes"]
+    assert result["quant_bytes"] < 0.3 * result["float_bytes"]  # int8 weights and word embeddings
 
 
 def test_minilm_calibration_ignores_padding(minilm, tmp_path):
