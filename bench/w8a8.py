@@ -117,28 +117,40 @@ def evaluate_variants(name: str, variants: dict[str, dict]) -> list[dict]:
     return rows + failed
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = []
+# Per task: (heading, [(column title, row key, format)]).
+COLUMNS = {
+    "embedding": ("all-MiniLM-L6-v2 (552 held-apart sentences; padded = batches of 32)", [
+        ("mean cos", "mean cosine (unpadded)", "{:.4f}"), ("min cos", "min cosine (unpadded)", "{:.4f}"),
+        ("mean cos padded", "mean cosine (padded batch)", "{:.4f}"),
+        ("NN agree", "nearest-neighbour agreement", "{:.3f}"),
+        ("ms 1×128", "ms 1×128 tokens", "{:.1f}"), ("speed-up", "speed-up 1×128 tokens", "{:.2f}×"),
+        ("ms 32×128", "ms 32×128 tokens", "{:.0f}"), ("speed-up", "speed-up 32×128 tokens", "{:.2f}×")]),
+    "image": ("MobileNetV2 (8 held-apart photos × 20 crops; 6 labelled photos)", [
+        ("top-1 agreement", "top-1 agreement", "{:.3f}"),
+        ("labelled top-1", "top-1 accuracy quant (labelled photos)", "{:.3f}"),
+        ("ms batch 1", "ms batch 1", "{:.1f}"), ("speed-up", "speed-up batch 1", "{:.2f}×"),
+        ("ms batch 16", "ms batch 16", "{:.0f}"), ("speed-up", "speed-up batch 16", "{:.2f}×")]),
+    "lm": ("SmolLM2-135M (16 held-apart windows × 512 tokens of Wikipedia)", [
+        ("perplexity", "perplexity", "{:.2f}"), ("ratio to fp32", "perplexity ratio", "{:.4f}"),
+        ("ms 1×512", "ms 1×512 tokens", "{:.0f}"), ("speed-up", "speed-up 1×512 tokens", "{:.2f}×")]),
+}
+
+
+def markdown(rows: list[dict], machine: str) -> str:
+    """One table per model: variant, size, compile time and the task's columns."""
+    lines = [f"Machine: {machine}; accuracy against fp32 on held-apart data, latency interleaved (median)."]
     for name in dict.fromkeys(r["model"] for r in rows):
-        group = [r for r in rows if r["model"] == name and "error" not in r]
-        keys = [k for k in group[0] if k not in ("model",)]
-        lines.append(f"\n**{name}**\n")
-        lines.append("| " + " | ".join(keys) + " |")
-        lines.append("|" + "---|" * len(keys))
-        for r in group:
-            lines.append("| " + " | ".join(_cell(k, r.get(k)) for k in keys) + " |")
-        for r in rows:
-            if r["model"] == name and "error" in r:
-                lines.append(f"\n{r['variant']} failed on this model: `{r['error']}`")
+        heading, columns = COLUMNS[TASK[name]]
+        lines += ["", f"**{heading}**", "",
+                  "| variant | size | compile s | " + " | ".join(c[0] for c in columns) + " |",
+                  "|---|---|---|" + "---|" * len(columns)]
+        for r in (r for r in rows if r["model"] == name):
+            if "error" in r:
+                lines.append(f"| {r['variant']} | failed: `{r['error'][:100]}` |" + " |" * (len(columns) + 1))
+                continue
+            cells = [fmt.format(r[key]) for _, key, fmt in columns]
+            lines.append(f"| {r['variant']} | {r['bytes'] / 1e6:.1f} MB | {r['compile_s']:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _cell(key: str, v) -> str:
-    if key == "bytes":
-        return f"{v / 1e6:.1f} MB"
-    if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
-    return str(v)
 
 
 def main() -> None:
@@ -146,7 +158,12 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["minilm", "mobilenetv2", "smollm2"])
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "bench")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--render", action="store_true", help="only rebuild w8a8.md from w8a8.json")
     args = parser.parse_args()
+    if args.render:
+        saved = json.loads((args.results / "w8a8.json").read_text())
+        (args.results / "w8a8.md").write_text(markdown(saved["rows"], saved["machine"]) + "\n")
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     args.results.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, ONNX Runtime {ort.__version__} CPU, {THREADS} threads"
@@ -156,7 +173,7 @@ def main() -> None:
         variants = build_variants(name, models.export(name).onnx_path, args.work)
         print(f"[{name}] evaluating", flush=True)
         rows += evaluate_variants(name, variants)
-        table = f"Machine: {machine}\n" + markdown(rows)
+        table = markdown(rows, machine)
         (args.results / "w8a8.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2, default=float))
         (args.results / "w8a8.md").write_text(table + "\n")
     print(table)
