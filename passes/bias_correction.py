@@ -38,20 +38,20 @@ NO_FIT = "targets whose statistics do not fit the weight"
 
 def output_shift(target: QuantTarget, dequantized: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
     """``E[Ŵx − Wx]`` per output channel, or None when ``mean`` does not fit the weight."""
+    if mean.size != target.input_channels:
+        return None
     delta = dequantized - target.weight
     node = target.node
     if node.op_type == "Conv":
         groups = node.attributes.get_int("group", 1)
         out_channels, in_per_group = delta.shape[:2]
-        if mean.size != groups * in_per_group or out_channels % groups:
+        if out_channels % groups:
             return None
         per_input = delta.reshape(out_channels, in_per_group, -1).sum(axis=2)
         group_of = np.arange(out_channels) // (out_channels // groups)
         return (per_input * mean.reshape(groups, in_per_group)[group_of]).sum(axis=1)
-    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+    if target.channel_axis == 0:  # Gemm with transB: orient as [K, N]
         delta = delta.T
-    if mean.size != delta.shape[0]:
-        return None
     return mean.astype(np.float64) @ delta.astype(np.float64)
 
 

@@ -41,29 +41,6 @@ PER_TOKEN_ZERO_POINT = 128
 ROW_EPSILON = np.float32(1e-8)
 
 
-class _Builder:
-    """Inserts nodes, in creation order, just before ``before``; names every value."""
-
-    def __init__(self, graph: ir.Graph, before: ir.Node, stem: str) -> None:
-        self.graph, self.before, self.stem = graph, before, stem
-
-    def const(self, suffix: str, array: np.ndarray) -> ir.Value:
-        return ir_utils.initializer(self.graph, f"{self.stem}.{suffix}", np.asarray(array))
-
-    def op(self, op_type: str, inputs: list, suffix: str, num_outputs: int = 1, **attrs):
-        node = ir.node(
-            op_type,
-            inputs,
-            attributes=attrs or None,
-            num_outputs=num_outputs,
-            name=ir_utils.unique_name(self.graph, f"{self.stem}.{suffix}"),
-        )
-        for i, out in enumerate(node.outputs):
-            out.name = ir_utils.unique_name(self.graph, f"{self.stem}.{suffix}_{i}")
-        self.graph.insert_before(self.before, node)
-        return node.outputs[0] if num_outputs == 1 else tuple(node.outputs)
-
-
 SCHEMES = ("per-token", "per-token-sym", "dynamic")
 
 
@@ -106,7 +83,7 @@ class LowerDynamicActivationsPass(ir.passes.InPlacePass):
         """``(X^q, zero point, scale, row offset or None)`` of the target's activation, built
         just before the target (its first reader)."""
         x = target.activation
-        b = _Builder(graph, target.node, x.name or "activation")
+        b = ir_utils.NodeBuilder(graph, target.node, x.name or "activation")
         if self.scheme == "dynamic":
             xq, scale, zero = b.op("DynamicQuantizeLinear", [x], "dynamic_quantize", num_outputs=3)
             return xq, zero, scale, None
@@ -147,7 +124,7 @@ class LowerDynamicActivationsPass(ir.passes.InPlacePass):
             alpha = node.attributes.get_float("alpha", 1.0)
             beta = node.attributes.get_float("beta", 1.0)
             bias = node.inputs[2] if len(node.inputs) > 2 else None
-        b = _Builder(graph, node, node.name or node.outputs[0].name or "matmul")
+        b = ir_utils.NodeBuilder(graph, node, node.name or node.outputs[0].name or "matmul")
         w_q = b.const("weight_q", np.ascontiguousarray(q))
         w_zero = b.const("weight_zero", np.int8(0))
         acc = b.op("MatMulInteger", [xq, w_q, x_zero, w_zero], "matmul_integer")

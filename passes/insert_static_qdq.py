@@ -7,8 +7,8 @@ Each target activation gets one uint8 per-tensor pair from its calibrated range
 
 uint8 activations with int8 per-channel weights is the combination ONNX Runtime's CPU provider
 lowers to QLinearMatMul/QLinearConv (int8 activations leave 1×1 convs in float). One Q/DQ pair
-per activation value serves all the targets reading it; other readers (the residual path) keep
-the float value.
+per activation value serves all the targets reading it (built just before the first of them in
+graph order); other readers (the residual path) keep the float value.
 """
 
 from __future__ import annotations
@@ -57,22 +57,11 @@ class InsertStaticQDQPass(ir.passes.InPlacePass):
             raise QCompileError(f"no calibration statistics for activation {x.name!r}")
         rng = select_range(stats, self.config.method, percentile=self.config.percentile)
         scale, zero = qm.affine_params(np.float32(rng.lo), np.float32(rng.hi), qm.UINT8)
-        stem = x.name or "activation"
-        s = ir_utils.initializer(graph, f"{stem}.scale", np.asarray(scale, np.float32))
-        z = ir_utils.initializer(graph, f"{stem}.zero_point", np.asarray(zero, np.uint8))
-        q = ir.node("QuantizeLinear", [x, s, z], name=ir_utils.unique_name(graph, f"{stem}.q"))
-        dq = ir.node(
-            "DequantizeLinear", [q.outputs[0], s, z], name=ir_utils.unique_name(graph, f"{stem}.dq")
-        )
-        q.outputs[0].name = ir_utils.unique_name(graph, f"{stem}.quantized")
-        q.outputs[0].type = ir.TensorType(ir.DataType.UINT8)
-        q.outputs[0].shape = x.shape
-        dq.outputs[0].name = ir_utils.unique_name(graph, f"{stem}.dequantized")
-        dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
-        dq.outputs[0].shape = x.shape
-        anchor = x.producer()
-        if anchor is None:  # a graph input: put the pair first
-            graph.insert_before(next(iter(graph)), [q, dq])
-        else:
-            graph.insert_after(anchor, [q, dq])
-        return dq.outputs[0]
+        b = ir_utils.NodeBuilder(graph, target.node, x.name or "activation")
+        s = b.const("scale", np.asarray(scale, np.float32))
+        z = b.const("zero_point", np.asarray(zero, np.uint8))
+        q = b.op("QuantizeLinear", [x, s, z], "quantized")
+        dq = b.op("DequantizeLinear", [q, s, z], "dequantized")
+        q.type, q.shape = ir.TensorType(ir.DataType.UINT8), x.shape
+        dq.type, dq.shape = ir.TensorType(ir.DataType.FLOAT), x.shape
+        return dq

@@ -69,16 +69,9 @@ class QuantizeEmbeddingsPass(ir.passes.InPlacePass):
     @staticmethod
     def _lower(graph: ir.Graph, node: ir.Node, table_q: ir.Value, row_scale: ir.Value) -> None:
         ids = node.inputs[1]
-        stem = node.name or node.outputs[0].name or "embedding"
-        nodes = [
-            ir.node("Gather", [table_q, ids], attributes={"axis": 0}),
-            ir.node("Gather", [row_scale, ids], attributes={"axis": 0}),
-        ]
-        nodes.append(ir.node("Cast", [nodes[0].outputs[0]], attributes={"to": ir.DataType.FLOAT}))
-        nodes.append(ir.node("Mul", [nodes[2].outputs[0], nodes[1].outputs[0]]))
-        for new, suffix in zip(nodes, ("gather_q", "gather_scale", "to_float", "rescale")):
-            new.name = ir_utils.unique_name(graph, f"{stem}.{suffix}")
-            new.outputs[0].name = ir_utils.unique_name(graph, f"{stem}.{suffix}_out")
+        b = ir_utils.NodeBuilder(graph, node, node.name or node.outputs[0].name or "embedding")
+        rows = b.op("Cast", [b.op("Gather", [table_q, ids], "gather_q", axis=0)], "to_float", to=ir.DataType.FLOAT)
+        scales = b.op("Gather", [row_scale, ids], "gather_scale", axis=0)
+        ir_utils.replace_output(node.outputs[0], b.op("Mul", [rows, scales], "rescale"))
+        for new in b.created:  # the row-scale Gather must not look like a table next time
             new.meta[EMBEDDING_KEY] = True
-        graph.insert_before(node, nodes)
-        ir_utils.replace_output(node.outputs[0], nodes[-1].outputs[0])

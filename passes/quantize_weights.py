@@ -8,8 +8,8 @@ The op's weight input becomes ``DequantizeLinear(W^q, s, 0, axis=a)`` reading ne
 float32 initializers. A weight reached through a Transpose/Reshape is stored already viewed, so
 the DequantizeLinear feeds the op directly (the pattern ONNX Runtime and TensorRT fuse); the
 float source is dropped by clean-up unless something else (an embedding Gather) still reads it.
-The symmetric range is ``[-127, 127]``: ``-128`` is never produced, so ``-W^q`` is representable
-and int8×int8 products cannot overflow int16 pairs on any kernel.
+With ``s_c = max|W| / 127`` every ``|W / s_c| ≤ 127``, so ``-128`` is never produced: ``-W^q``
+is representable and int8×int8 products cannot overflow int16 pairs on any kernel.
 """
 
 from __future__ import annotations
@@ -22,17 +22,11 @@ from qcompiler import ir_utils
 from qcompiler import quant_math as qm
 
 WEIGHT_KEY = "qcompile.weight"
-# Symmetric int8 over [-127, 127] (see the module docstring).
-INT8_SYMMETRIC = qm.IntType(8, signed=True)
 
 
 def quantize_weight(weight: np.ndarray, channel_axis: int) -> qm.QuantizedTensor:
-    """Per-output-channel symmetric int8 on ``[-127, 127]``."""
-    block = qm.PerAxis(channel_axis).block_size(weight.shape)
-    amax = qm.block_reduce(np.abs(weight), block, np.maximum)
-    scale = qm.symmetric_scale(amax, INT8_SYMMETRIC)  # amax / 127
-    q = qm.quantize(weight, scale, 0, INT8_SYMMETRIC, block)
-    return qm.QuantizedTensor(q, scale, np.zeros_like(scale, np.int8), block)
+    """The weight policy: int8, symmetric, one scale per output channel."""
+    return qm.quantize_tensor(weight, qm.PerAxis(channel_axis), qm.INT8, symmetric=True)
 
 
 class QuantizeWeightsPass(ir.passes.InPlacePass):
@@ -55,19 +49,14 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
     def _quantize(graph: ir.Graph, target: QuantTarget) -> qm.QuantizedTensor:
         node = target.node
         quantized = quantize_weight(target.weight, target.channel_axis)
-        stem = node.name or node.outputs[0].name or "weight"
-        q = ir_utils.initializer(graph, f"{stem}.weight_q", quantized.q)
-        scale = ir_utils.initializer(graph, f"{stem}.weight_scale", quantized.scale.reshape(-1))
-        zero = ir_utils.initializer(graph, f"{stem}.weight_zero", quantized.zero_point.reshape(-1))
-        dq = ir.node(
+        b = ir_utils.NodeBuilder(graph, node, node.name or node.outputs[0].name or "weight")
+        dq = b.op(
             "DequantizeLinear",
-            [q, scale, zero],
-            attributes={"axis": target.channel_axis},
-            name=ir_utils.unique_name(graph, f"{stem}.weight_dq"),
+            [b.const("weight_q", quantized.q), b.const("weight_scale", quantized.scale.reshape(-1)),
+             b.const("weight_zero", quantized.zero_point.reshape(-1))],
+            "weight_dequantized",
+            axis=target.channel_axis,
         )
-        dq.outputs[0].name = ir_utils.unique_name(graph, f"{stem}.weight_dequantized")
-        dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
-        dq.outputs[0].shape = ir.Shape(target.weight.shape)
-        graph.insert_before(node, dq)
-        node.replace_input_with(1, dq.outputs[0])
+        dq.type, dq.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(target.weight.shape)
+        node.replace_input_with(1, dq)
         return quantized

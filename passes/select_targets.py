@@ -39,6 +39,13 @@ class QuantTarget:
     def op_type(self) -> str:
         return self.node.op_type
 
+    @property
+    def input_channels(self) -> int:
+        """Channels of the activation the weight contracts with (K; ``C`` for a Conv)."""
+        if self.op_type == "Conv":
+            return self.node.attributes.get_int("group", 1) * self.weight.shape[1]
+        return self.weight.shape[1 - self.channel_axis]
+
 
 def targets(model: ir.Model) -> list[QuantTarget]:
     """The annotated targets in graph order."""

@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.calibration import Feed, FeedSource
-from qcompiler.errors import QCompileError
+from qcompiler.errors import QCompileError, first_line
 
 _NUMPY_DTYPES = {
     ir.DataType.FLOAT: np.float32,
@@ -120,7 +120,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise QCompileError(f"cannot read {path} as an .npz file ({exc})") from exc
+        raise QCompileError(f"cannot read {path} as an .npz file ({first_line(exc)})") from exc
 
 
 def text_source(
@@ -176,7 +176,7 @@ def load_tokenizer(tokenizer_dir: str | Path):
     try:
         return AutoTokenizer.from_pretrained(tokenizer_dir)
     except Exception as exc:
-        raise QCompileError(f"{tokenizer_dir} is not a tokenizer folder ({exc})") from exc
+        raise QCompileError(f"{tokenizer_dir} is not a tokenizer folder ({first_line(exc)})") from exc
 
 
 def file_digest(*paths: str | Path) -> str:
@@ -190,3 +190,36 @@ def file_digest(*paths: str | Path) -> str:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
     return h.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationInput:
+    """Calibration files named on the command line; resolved against the model once it is
+    loaded (its input names, dtypes and ranks), so the model is read only once."""
+
+    data: Path | None = None
+    text: Path | None = None
+    tokenizer: Path | None = None
+    seq_len: int = 512
+
+    def __post_init__(self) -> None:
+        if self.data is not None and self.text is not None:
+            raise QCompileError("give either --calib-data or --calib-text, not both")
+        if self.data is None and self.text is None:
+            raise QCompileError("no calibration data given: pass --calib-data or --calib-text")
+        if self.text is not None and self.tokenizer is None:
+            raise QCompileError("--calib-text needs --tokenizer DIR")
+
+    def source(self, model: ir.Model) -> FeedSource:
+        """The feeds, with the first one already checked (fail before any compile work)."""
+        specs = input_specs(model)
+        if self.data is not None:
+            feeds = npz_source(self.data, specs)
+        else:
+            feeds = text_source(self.text, self.tokenizer, specs, self.seq_len)
+        next(iter(feeds()), None)
+        return feeds
+
+    def digest(self) -> str:
+        return file_digest(self.data if self.data is not None else self.text)
+

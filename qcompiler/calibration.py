@@ -21,7 +21,7 @@ import onnx_ir as ir
 from tqdm import tqdm
 
 from qcompiler import ir_utils
-from qcompiler.errors import QCompileError
+from qcompiler.errors import QCompileError, first_line
 from qcompiler.ranges import TensorStats
 from runtime.session import create_session
 
@@ -73,8 +73,7 @@ def _run(session, names: list[str], feed: Feed) -> dict[str, np.ndarray]:
     try:
         return dict(zip(names, session.run(names, dict(feed))))
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise QCompileError(f"the model failed on a calibration sample: {first}") from exc
+        raise QCompileError(f"the model failed on a calibration sample: {first_line(exc)}") from exc
 
 
 def valid_positions(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:

@@ -17,7 +17,7 @@ import click
 
 from qcompiler import __version__, calib_data
 from qcompiler.config import ACTIVATION_SCHEMES, CalibrationConfig, W8A8Config
-from qcompiler.errors import QCompileError
+from qcompiler.errors import QCompileError, first_line
 from qcompiler.ranges import CALIBRATION_METHODS
 
 EXIT_BAD_INPUT = 2
@@ -77,36 +77,25 @@ def _recipe_options(f):
     return f
 
 
-def _config(activations, calib_data_path, calib_text, calib_method, percentile, max_calib_samples,
-            exclude, keep_embeddings_float=False):
-    has_data = calib_data_path is not None or calib_text is not None
+def _config(activations, calibration, calib_method, percentile, max_calib_samples, exclude,
+            keep_embeddings_float=False):
     if activations is None:
-        activations = "static" if has_data else "per-token"
-    if activations == "static" and not has_data:
+        activations = "static" if calibration is not None else "per-token"
+    if activations == "static" and calibration is None:
         raise QCompileError("--activations static needs --calib-data or --calib-text")
-    if calib_data_path is not None and calib_text is not None:
-        raise QCompileError("give either --calib-data or --calib-text, not both")
-    calibration = CalibrationConfig(calib_method, percentile, max_calib_samples)
-    return W8A8Config(activations=activations, calibration=calibration, exclude=tuple(exclude),
-                      quantize_embeddings=not keep_embeddings_float)
+    return W8A8Config(
+        activations=activations,
+        calibration=CalibrationConfig(calib_method, percentile, max_calib_samples),
+        exclude=tuple(exclude),
+        quantize_embeddings=not keep_embeddings_float,
+    )
 
 
-def _feed_source(model_path, calib_data_path, calib_text, tokenizer, seq_len):
-    """(feed source or None, digest or None) for the calibration options."""
+def _calibration(calib_data_path, calib_text, tokenizer, seq_len):
+    """The calibration files given on the command line, or None."""
     if calib_data_path is None and calib_text is None:
-        return None, None
-    from qcompiler.ir_utils import load_model
-
-    specs = calib_data.input_specs(load_model(model_path))
-    if calib_data_path is not None:
-        source, digest = calib_data.npz_source(calib_data_path, specs), calib_data.file_digest(calib_data_path)
-    elif tokenizer is None:
-        raise QCompileError("--calib-text needs --tokenizer DIR")
-    else:
-        source = calib_data.text_source(calib_text, tokenizer, specs, seq_len)
-        digest = calib_data.file_digest(calib_text)
-    next(iter(source()), None)  # check the first sample now, before any compile work
-    return source, digest
+        return None
+    return calib_data.CalibrationInput(calib_data_path, calib_text, tokenizer, seq_len)
 
 
 @cli.command("compile")
@@ -121,11 +110,11 @@ def compile_command(model, output, recipe, activations, calib_data, calib_text, 
     """Quantize MODEL."""
     from qcompiler.pipeline import compile_model
 
-    config = _config(activations, calib_data, calib_text, calib_method, percentile,
-                     max_calib_samples, exclude, keep_embeddings_float)
+    calibration = _calibration(calib_data, calib_text, tokenizer, seq_len)
+    config = _config(activations, calibration, calib_method, percentile, max_calib_samples,
+                     exclude, keep_embeddings_float)
     output = output or model.with_name(f"{model.stem}.{recipe}.onnx")
-    feeds, digest = _feed_source(model, calib_data, calib_text, tokenizer, seq_len)
-    result = compile_model(model, output, config, feeds, digest, progress=not quiet)
+    result = compile_model(model, output, config, calibration=calibration, progress=not quiet)
     if not quiet:
         for report in result.reports:
             click.echo(f"  {report.name:<30} {report.seconds:7.2f}s  {report.summary()}", err=True)
@@ -144,8 +133,9 @@ def plan_command(model, recipe, activations, calib_data, calib_text, tokenizer, 
     """Print the passes a compile would run and what each would change; write nothing."""
     from qcompiler.pipeline import plan
 
-    config = _config(activations, calib_data, calib_text, calib_method, percentile,
-                     max_calib_samples, exclude, keep_embeddings_float)
+    calibration = _calibration(calib_data, calib_text, tokenizer, seq_len)
+    config = _config(activations, calibration, calib_method, percentile, max_calib_samples,
+                     exclude, keep_embeddings_float)
     click.echo(f"{model}: {recipe}, {config.activations} activations")
     for report in plan(model, config):
         click.echo(f"  {report.name:<30} {report.summary()}")
@@ -258,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="qcompile", standalone_mode=False)
     except QCompileError as exc:
-        click.echo(f"qcompile: error: {exc}", err=True)
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        click.echo(f"qcompile: error: {message}", err=True)
         return EXIT_BAD_INPUT
     except click.exceptions.Abort:
         click.echo("qcompile: interrupted", err=True)
@@ -274,9 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug, not bad input: one line, the traceback on request
         if os.environ.get("QCOMPILE_DEBUG") == "1":
             raise
-        first = (str(exc).strip().splitlines() or [""])[0]
         click.echo(
-            f"qcompile: internal error: {type(exc).__name__}: {first} "
+            f"qcompile: internal error: {type(exc).__name__}: {first_line(exc)} "
             "(set QCOMPILE_DEBUG=1 for the traceback; please report it)",
             err=True,
         )

@@ -9,3 +9,9 @@ class QCompileError(Exception):
 
 class VerificationError(QCompileError):
     """A compiled model failed a numeric check."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -43,7 +43,7 @@ def default_eval_data(task: str, tokenizer_dir: str | Path | None = None, limit:
         windows = [{"input_ids": w} for w in data.lm_windows(tokenizer, "eval", n=limit or LM_WINDOWS)]
         return EvalData(windows, latency_feeds={"1×512 tokens": windows[0]})
     photos = data.image_feeds("eval", crops=False)
-    names = [name for name, _ in data.images("eval")]
+    names = data.image_names("eval")
     labelled = [(f, data.IMAGE_LABELS[n]) for n, f in zip(names, photos) if n in data.IMAGE_LABELS]
     feeds = data.image_feeds("eval", crops=True)[:limit]
     batch16 = {"image": np.concatenate([f["image"] for f in feeds[:16]], axis=0)}

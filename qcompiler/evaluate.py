@@ -29,7 +29,7 @@ import numpy as np
 
 from qcompiler import quant_math as qm
 from qcompiler.calibration import Feed
-from qcompiler.errors import QCompileError
+from qcompiler.errors import QCompileError, first_line
 from runtime.session import create_session
 
 TASKS = ("embedding", "lm", "image")
@@ -219,9 +219,8 @@ def evaluate(
             for label, feed in data.latency_feeds.items()
         }
     except (RuntimeError, KeyError, ValueError, IndexError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise QCompileError(
-            f"cannot evaluate these models as task {task!r} on this data ({first})"
+            f"cannot evaluate these models as task {task!r} on this data ({first_line(exc)})"
         ) from exc
     return Evaluation(
         task, metrics, model_file_bytes(float_path), model_file_bytes(quant_path), latency

@@ -11,7 +11,7 @@ from typing import Iterator
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.errors import QCompileError
+from qcompiler.errors import QCompileError, first_line
 
 # Weights above this total size go to an external data file beside the model (protobuf's
 # limit is 2 GiB; we keep a margin for the graph itself).
@@ -33,7 +33,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     try:
         model = ir.load(path)
     except Exception as exc:  # protobuf raises several types for corrupt files
-        raise QCompileError(f"cannot read {path} as an ONNX model ({_first_line(exc)})") from exc
+        raise QCompileError(f"cannot read {path} as an ONNX model ({first_line(exc)})") from exc
     opset = model.opset_imports.get("", 0)
     if opset < MIN_OPSET:
         raise QCompileError(
@@ -67,11 +67,6 @@ def save_model(
 
 def initializer_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def constant_array(value: ir.Value | None) -> np.ndarray | None:
@@ -133,6 +128,33 @@ def _apply_view(node: ir.Node, x: np.ndarray) -> np.ndarray | None:
     return None
 
 
+class NodeBuilder:
+    """Inserts new nodes, in creation order, just before ``before`` and names each node and
+    value ``<stem>.<suffix>`` (made unique). The passes build all their subgraphs with it."""
+
+    def __init__(self, graph: ir.Graph, before: ir.Node, stem: str) -> None:
+        self.graph, self.before, self.stem = graph, before, stem
+        self.created: list[ir.Node] = []
+
+    def const(self, suffix: str, array: np.ndarray) -> ir.Value:
+        return initializer(self.graph, f"{self.stem}.{suffix}", np.asarray(array))
+
+    def op(self, op_type: str, inputs: list, suffix: str, num_outputs: int = 1, **attrs):
+        """Add one node; returns its output (or outputs when ``num_outputs > 1``)."""
+        node = ir.node(
+            op_type,
+            inputs,
+            attributes=attrs or None,
+            num_outputs=num_outputs,
+            name=unique_name(self.graph, f"{self.stem}.{suffix}", kind="node"),
+        )
+        self.created.append(node)
+        for i, out in enumerate(node.outputs):
+            out.name = unique_name(self.graph, f"{self.stem}.{suffix}" + (f"_{i}" if i else ""))
+        self.graph.insert_before(self.before, node)
+        return node.outputs[0] if num_outputs == 1 else tuple(node.outputs)
+
+
 def initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """Register a new initializer with a name not yet used in ``graph``."""
     value = ir.val(unique_name(graph, name), const_value=ir.tensor(array))
@@ -140,12 +162,17 @@ def initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def unique_name(graph: ir.Graph, stem: str) -> str:
-    """``stem``, or ``stem_1``, ``stem_2``… if a value of the graph already has that name."""
-    taken = graph.meta.setdefault("qcompile.names", None)
+def unique_name(graph: ir.Graph, stem: str, kind: str = "value") -> str:
+    """``stem``, or ``stem_1``, ``stem_2``… if a value (``kind="node"``: a node) of the graph
+    already has that name. Values and nodes are separate namespaces, as in ONNX."""
+    key = f"qcompile.names.{kind}"
+    taken = graph.meta.get(key)
     if taken is None:
-        taken = {v.name for v in _all_values(graph) if v.name}
-        graph.meta["qcompile.names"] = taken
+        if kind == "node":
+            taken = {n.name for n in ir.traversal.RecursiveGraphIterator(graph) if n.name}
+        else:
+            taken = {v.name for v in _all_values(graph) if v.name}
+        graph.meta[key] = taken
     name, i = stem, 0
     while name in taken:
         i += 1

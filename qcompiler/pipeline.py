@@ -37,8 +37,9 @@ from passes.dynamic_activations import LowerDynamicActivationsPass
 from passes.insert_static_qdq import InsertStaticQDQPass
 from passes.quantize_embeddings import QuantizeEmbeddingsPass
 from passes.quantize_weights import QuantizeWeightsPass
-from passes.select_targets import QuantTarget, SelectTargetsPass, targets
+from passes.select_targets import SelectTargetsPass, targets
 from qcompiler import ir_utils
+from qcompiler.calib_data import CalibrationInput
 from qcompiler.calibration import FeedSource
 from qcompiler.config import W8A8Config
 from qcompiler.errors import QCompileError
@@ -168,19 +169,23 @@ def compile_model(
     output_path: str | Path,
     config: W8A8Config,
     feeds: FeedSource | None = None,
-    calibration_digest: str | None = None,
+    calibration: CalibrationInput | None = None,
     progress: bool = True,
 ) -> CompileResult:
     """Compile ``model_path`` with ``config`` and write ``output_path`` atomically.
 
-    The input file is only read. ``feeds`` returns calibration feeds (static activations).
+    The input file is only read. Calibration data (static activations) comes as in-memory
+    ``feeds`` or as files (``calibration``, checked against the model's inputs).
     """
     model_path, output_path = Path(model_path), Path(output_path)
     _check_paths(model_path, output_path)
     start = time.perf_counter()
     model = ir_utils.load_model(model_path)
+    digest = None
+    if calibration is not None:
+        feeds, digest = calibration.source(model), calibration.digest()
     reports = run_passes(model, w8a8_passes(config, feeds, progress))
-    _stamp_provenance(model, config, reports, calibration_digest)
+    _stamp_provenance(model, config, reports, digest)
     ir_utils.save_model(model, output_path)
     return CompileResult(
         output=output_path,
@@ -206,22 +211,12 @@ class PlanCalibratePass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         values = activations_to_observe(model)
         self.summary = f"would observe {len(values)} activations"
-        channels = {id(t.activation): _input_channels(t) for t in targets(model)}
+        channels = {id(t.activation): t.input_channels for t in targets(model)}
         for value in values:
             stats = TensorStats(channel_axis=1)
             stats.update(np.tile(np.array([[-1.0], [1.0]], np.float32), (1, channels[id(value)])))
             value.meta[STATS_KEY] = stats
         return ir.passes.PassResult(model, modified=False)
-
-
-def _input_channels(target: QuantTarget) -> int:
-    """Input channels of a target's activation, read off its weight."""
-    weight, node = target.weight, target.node
-    if node.op_type == "Conv":
-        return node.attributes.get_int("group", 1) * weight.shape[1]
-    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
-        return weight.shape[1]
-    return weight.shape[0]
 
 
 def _check_paths(model_path: Path, output_path: Path) -> None:

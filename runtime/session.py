@@ -6,7 +6,7 @@ import os
 
 import onnxruntime as ort
 
-from qcompiler.errors import QCompileError
+from qcompiler.errors import QCompileError, first_line
 
 CPU = "CPUExecutionProvider"
 
@@ -40,5 +40,4 @@ def create_session(
             source, sess_options=session_options(threads, optimize), providers=list(providers)
         )
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise QCompileError(f"ONNX Runtime cannot load the model: {first}") from exc
+        raise QCompileError(f"ONNX Runtime cannot load the model: {first_line(exc)}") from exc
