@@ -1,14 +1,16 @@
-"""Static activation quantization: QuantizeLinear→DequantizeLinear on each target's input.
+"""Static activation quantization: QuantizeLinear→DequantizeLinear at each placement point.
 
-Each target activation gets one uint8 per-tensor pair from its calibrated range
+The points (``passes.activation_points``) are the activation input of every weight-quantized
+target, plus residual-add and pooling inputs by the placement's rules. Each activation value
+gets one uint8 per-tensor pair from its calibrated range
 ``[lo, hi]`` (widened to contain 0)::
 
     s = (hi − lo) / 255        z = round(−lo / s)        x̂ = s · (clip(round(x/s) + z, 0, 255) − z)
 
 uint8 activations with int8 per-channel weights is the combination ONNX Runtime's CPU provider
 lowers to QLinearMatMul/QLinearConv (int8 activations leave 1×1 convs in float). One Q/DQ pair
-per activation value serves all the targets reading it (built just before the first of them in
-graph order); other readers (the residual path) keep the float value.
+per activation value serves all the points reading it (built just before the first of them in
+graph order); other readers keep the float value.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from passes.activation_points import Point, points
 from passes.calibrate import STATS_KEY
 from passes.quantize_weights import WEIGHT_KEY
-from passes.select_targets import QuantTarget, targets
+from passes.select_targets import TARGET_KEY
 from qcompiler import ir_utils
 from qcompiler import quant_math as qm
 from qcompiler.config import CalibrationConfig
@@ -29,35 +32,44 @@ ACTIVATION_KEY = "qcompile.activation"
 
 
 class InsertStaticQDQPass(ir.passes.InPlacePass):
-    """Insert calibrated uint8 Q/DQ on the activation input of every weight-quantized target."""
+    """Insert calibrated uint8 Q/DQ at every point of ``placement`` (``"fusable"``: ONNX
+    Runtime's integer kernels; ``"all"``: TensorRT's rules). Idempotent: a point already
+    reading a DequantizeLinear is skipped."""
 
-    def __init__(self, config: CalibrationConfig = CalibrationConfig()) -> None:
+    def __init__(
+        self, config: CalibrationConfig = CalibrationConfig(), placement: str = "fusable"
+    ) -> None:
         super().__init__()
         self.config = config
+        self.placement = placement
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph, modified = model.graph, False
         dequantized: dict[int, ir.Value] = {}
-        for target in targets(model):
-            node = target.node
-            if ACTIVATION_KEY in node.meta or WEIGHT_KEY not in node.meta:
+        for point in points(model, self.placement):
+            node = point.node
+            if TARGET_KEY in node.meta and WEIGHT_KEY not in node.meta:
+                continue  # a target left in float (its weight was not quantized)
+            producer = point.value.producer()
+            if producer is not None and producer.op_type == "DequantizeLinear":
                 continue
-            key = id(target.activation)
+            key = id(point.value)
             if key not in dequantized:
-                dequantized[key] = self._insert_qdq(graph, target)
-            node.replace_input_with(0, dequantized[key])
-            node.meta[ACTIVATION_KEY] = "static"
+                dequantized[key] = self._insert_qdq(graph, point)
+            node.replace_input_with(point.index, dequantized[key])
+            if TARGET_KEY in node.meta:
+                node.meta[ACTIVATION_KEY] = "static"
             modified = True
         return ir.passes.PassResult(model, modified=modified)
 
-    def _insert_qdq(self, graph: ir.Graph, target: QuantTarget) -> ir.Value:
-        x = target.activation
+    def _insert_qdq(self, graph: ir.Graph, point: Point) -> ir.Value:
+        x = point.value
         stats = x.meta.get(STATS_KEY)
         if stats is None:
             raise QCompileError(f"no calibration statistics for activation {x.name!r}")
         rng = select_range(stats, self.config.method, percentile=self.config.percentile)
         scale, zero = qm.affine_params(np.float32(rng.lo), np.float32(rng.hi), qm.UINT8)
-        b = ir_utils.NodeBuilder(graph, target.node, x.name or "activation")
+        b = ir_utils.NodeBuilder(graph, point.node, x.name or "activation")
         s = b.const("scale", np.asarray(scale, np.float32))
         z = b.const("zero_point", np.asarray(zero, np.uint8))
         q = b.op("QuantizeLinear", [x, s, z], "quantized")

@@ -16,8 +16,8 @@ from pathlib import Path
 import click
 
 from qcompiler import __version__, calib_data
-from qcompiler.config import ACTIVATION_SCHEMES, CalibrationConfig, W8A8Config
-from qcompiler.errors import QCompileError, first_line
+from qcompiler.config import ACTIVATION_SCHEMES, TARGETS, CalibrationConfig, W8A8Config
+from qcompiler.errors import QCompileError, VerificationError, first_line
 from qcompiler.ranges import CALIBRATION_METHODS
 
 EXIT_BAD_INPUT = 2
@@ -71,6 +71,14 @@ def _recipe_options(f):
                      help="Keep this node in float (repeatable)."),
         click.option("--keep-embeddings-float", is_flag=True,
                      help="Leave embedding tables (Gather) in float."),
+        click.option("--float-residuals", is_flag=True,
+                     help="Static: quantize only the inputs of weighted ops; residual adds stay "
+                          "float (more accurate on CNNs, slower)."),
+        click.option("--target", type=click.Choice(TARGETS), default="ort-cpu",
+                     show_default=True,
+                     help="ort-cpu: ONNX Runtime's integer kernels (QLinearConv, "
+                          "MatMulIntegerToFloat…); qdq: portable Q/DQ by TensorRT's placement "
+                          "rules; ort-cuda: Q/DQ for the CUDA provider."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -78,16 +86,22 @@ def _recipe_options(f):
 
 
 def _config(activations, calibration, calib_method, percentile, max_calib_samples, exclude,
-            keep_embeddings_float=False):
+            keep_embeddings_float=False, float_residuals=False, target="ort-cpu"):
     if activations is None:
-        activations = "static" if calibration is not None else "per-token"
+        static = calibration is not None or target != "ort-cpu"
+        activations = "static" if static else "per-token"
     if activations == "static" and calibration is None:
-        raise QCompileError("--activations static needs --calib-data or --calib-text")
+        raise QCompileError(
+            "static activations need calibration data: pass --calib-data or --calib-text"
+            + (f" (--target {target} is static Q/DQ)" if target != "ort-cpu" else "")
+        )
     return W8A8Config(
         activations=activations,
         calibration=CalibrationConfig(calib_method, percentile, max_calib_samples),
         exclude=tuple(exclude),
         quantize_embeddings=not keep_embeddings_float,
+        target=target,
+        float_residuals=float_residuals,
     )
 
 
@@ -103,40 +117,52 @@ def _calibration(calib_data_path, calib_text, tokenizer, seq_len):
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Output model (default: MODEL with .w8a8.onnx beside it).")
 @_recipe_options
+@click.option("--verify", "verify_samples", type=click.IntRange(min=0), default=0,
+              metavar="N", is_flag=False, flag_value=4,
+              help="After compiling, run float, QDQ and lowered models on N (default 4) "
+                   "calibration samples; print per-output error; exit 1 when the lowering "
+                   "moved an output by more than one quantization step.")
 @click.option("--quiet", is_flag=True, help="No progress bars or pass summary.")
 def compile_command(model, output, recipe, activations, calib_data, calib_text, tokenizer,
                     seq_len, calib_method, percentile, max_calib_samples, exclude,
-                    keep_embeddings_float, quiet):
+                    keep_embeddings_float, float_residuals, target, verify_samples, quiet):
     """Quantize MODEL."""
+    from qcompiler import verify
     from qcompiler.pipeline import compile_model
 
     calibration = _calibration(calib_data, calib_text, tokenizer, seq_len)
     config = _config(activations, calibration, calib_method, percentile, max_calib_samples,
-                     exclude, keep_embeddings_float)
+                     exclude, keep_embeddings_float, float_residuals, target)
     output = output or model.with_name(f"{model.stem}.{recipe}.onnx")
-    result = compile_model(model, output, config, calibration=calibration, progress=not quiet)
+    result = compile_model(model, output, config, calibration=calibration, progress=not quiet,
+                           verify_samples=verify_samples)
     if not quiet:
         for report in result.reports:
             click.echo(f"  {report.name:<30} {report.seconds:7.2f}s  {report.summary()}", err=True)
     click.echo(
         f"wrote {result.output} ({result.input_bytes / 1e6:.1f} MB → "
         f"{result.output_bytes / 1e6:.1f} MB, {config.activations} activations, "
-        f"{result.seconds:.1f}s)"
+        f"target {config.target}, {result.seconds:.1f}s)"
     )
+    if result.verification is not None:
+        for line in result.verification.lines():
+            click.echo(f"  verify {line}")
+    verify.require(result.verification)
 
 
 @cli.command("plan")
 @click.argument("model", type=click.Path(path_type=Path))
 @_recipe_options
 def plan_command(model, recipe, activations, calib_data, calib_text, tokenizer, seq_len,
-                 calib_method, percentile, max_calib_samples, exclude, keep_embeddings_float):
+                 calib_method, percentile, max_calib_samples, exclude, keep_embeddings_float,
+                 float_residuals, target):
     """Print the passes a compile would run and what each would change; write nothing."""
     from qcompiler.pipeline import plan
 
     calibration = _calibration(calib_data, calib_text, tokenizer, seq_len)
     config = _config(activations, calibration, calib_method, percentile, max_calib_samples,
-                     exclude, keep_embeddings_float)
-    click.echo(f"{model}: {recipe}, {config.activations} activations")
+                     exclude, keep_embeddings_float, float_residuals, target)
+    click.echo(f"{model}: {recipe}, {config.activations} activations, target {config.target}")
     for report in plan(model, config):
         click.echo(f"  {report.name:<30} {report.summary()}")
 
@@ -247,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: QCompileError and usage errors → one line and exit code 2."""
     try:
         cli.main(args=argv, prog_name="qcompile", standalone_mode=False)
+    except VerificationError as exc:  # the model was written but failed its check
+        click.echo(f"qcompile: verification failed: {exc}", err=True)
+        return EXIT_INTERNAL
     except QCompileError as exc:
         message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         click.echo(f"qcompile: error: {message}", err=True)

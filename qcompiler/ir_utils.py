@@ -139,12 +139,14 @@ class NodeBuilder:
     def const(self, suffix: str, array: np.ndarray) -> ir.Value:
         return initializer(self.graph, f"{self.stem}.{suffix}", np.asarray(array))
 
-    def op(self, op_type: str, inputs: list, suffix: str, num_outputs: int = 1, **attrs):
+    def op(self, op_type: str, inputs: list, suffix: str, num_outputs: int = 1,
+           domain: str = "", **attrs):
         """Add one node; returns its output (or outputs when ``num_outputs > 1``)."""
         node = ir.node(
             op_type,
             inputs,
             attributes=attrs or None,
+            domain=domain,
             num_outputs=num_outputs,
             name=unique_name(self.graph, f"{self.stem}.{suffix}", kind="node"),
         )

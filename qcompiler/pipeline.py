@@ -8,9 +8,21 @@ W8A8 (``w8a8_passes``)::
     quantize weights        int8 symmetric per output channel, behind DequantizeLinear
     quantize embeddings     large Gather tables as int8 rows + per-row scales
     bias correction         static only: −E[ΔW·x] from calibration means folded into biases
-    activations             static: calibrated uint8 Q/DQ on each target's input
+    activations             static: calibrated uint8 Q/DQ at the placement's points (target
+                            inputs; residual-add and pooling inputs, see activation_points)
                             dynamic / per-token(-sym): lowered to MatMulInteger + rescale
     clean up                dead float weights and replaced ops removed, values named
+
+    move Q/DQ               ort-cpu: across shape-only ops; equal round trips cancelled
+
+That is the QDQ model (``--target qdq``: done). ``--target ort-cpu`` then lowers it
+(``lowering_passes``)::
+
+    precompute bias         float biases → int32 b^q on the s_x·s_w grid
+    fuse integer ops        DQ → op → Q → QLinearConv / QLinearMatMul / QLinearAdd /
+                            QLinearGlobalAveragePool; float-output MatMul/Gemm →
+                            MatMulIntegerToFloat with −z_x·ΣW^q folded into the bias
+    clean up
 
 Every pass runs inside ``Measured``, which records what it changed (op types added/removed,
 time); ``plan`` runs the same list on an in-memory copy with placeholder statistics in place of
@@ -21,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import json
 import time
 from pathlib import Path
@@ -35,10 +48,13 @@ from passes.canonicalize import CanonicalizePass
 from passes.cleanup import CleanupPass
 from passes.dynamic_activations import LowerDynamicActivationsPass
 from passes.insert_static_qdq import InsertStaticQDQPass
+from passes.integer_ops import FuseIntegerOpsPass
+from passes.move_qdq import MoveQDQPass
+from passes.precompute_bias import PrecomputeBiasPass
 from passes.quantize_embeddings import QuantizeEmbeddingsPass
 from passes.quantize_weights import QuantizeWeightsPass
 from passes.select_targets import SelectTargetsPass, targets
-from qcompiler import ir_utils
+from qcompiler import ir_utils, verify
 from qcompiler.calib_data import CalibrationInput
 from qcompiler.calibration import FeedSource
 from qcompiler.config import W8A8Config
@@ -49,7 +65,26 @@ from qcompiler.ranges import TensorStats
 def w8a8_passes(
     config: W8A8Config, feeds: FeedSource | None, progress: bool = True
 ) -> list[ir.passes.PassBase]:
-    """The W8A8 pass list (``feeds`` is required for static activations)."""
+    """The whole W8A8 pass list: quantization to Q/DQ, then the target's lowering."""
+    return qdq_passes(config, feeds, progress) + lowering_passes(config)
+
+
+def lowering_passes(config: W8A8Config) -> list[ir.passes.PassBase]:
+    """From the QDQ model to the target's kernels (nothing for ``qdq`` and ``ort-cuda``)."""
+    if config.target != "ort-cpu" or config.activations != "static":
+        return []  # the dynamic schemes are lowered as they are inserted
+    return [
+        PrecomputeBiasPass(),
+        # Reads the int32 biases of the previous pass.
+        FuseIntegerOpsPass(),
+        CleanupPass(),
+    ]
+
+
+def qdq_passes(
+    config: W8A8Config, feeds: FeedSource | None, progress: bool = True
+) -> list[ir.passes.PassBase]:
+    """Quantization up to the QDQ model (``feeds`` is required for static activations)."""
     passes: list[ir.passes.PassBase] = [
         CanonicalizePass(),
         # Annotate before calibrating: only the inputs of the ops we quantize are observed.
@@ -62,11 +97,11 @@ def w8a8_passes(
             )
         passes += [
             # Calibrate the float model: must come before any rewrite changes the activations.
-            CalibratePass(feeds, config.calibration, progress),
+            CalibratePass(feeds, config.calibration, progress, config.placement),
             QuantizeWeightsPass(),
             # Needs the float and the quantized weight and the calibrated channel means.
             BiasCorrectionPass(),
-            InsertStaticQDQPass(config.calibration),
+            InsertStaticQDQPass(config.calibration, config.placement),
         ]
     else:
         passes += [
@@ -77,6 +112,9 @@ def w8a8_passes(
     if config.quantize_embeddings:
         passes.append(QuantizeEmbeddingsPass())
     passes.append(CleanupPass())
+    if config.target == "ort-cpu" and config.activations == "static":
+        # Still QDQ: bring each Q/DQ next to the op it belongs to, for the lowering's patterns.
+        passes.append(MoveQDQPass())
     return passes
 
 
@@ -140,6 +178,8 @@ def run_passes(model: ir.Model, passes: list[ir.passes.PassBase]) -> list[PassRe
     """Run ``passes`` in order; a QCompileError raised inside a pass (bad calibration data, say)
     comes out as itself, not wrapped in onnx_ir's PassError."""
     reports: list[PassReport] = []
+    if not passes:
+        return reports
     try:
         ir.passes.PassManager([Measured(p, reports) for p in passes])(model)
     except ir.passes.PassError as exc:
@@ -162,6 +202,7 @@ class CompileResult:
     seconds: float
     input_bytes: int
     output_bytes: int
+    verification: verify.Verification | None = None
 
 
 def compile_model(
@@ -171,11 +212,14 @@ def compile_model(
     feeds: FeedSource | None = None,
     calibration: CalibrationInput | None = None,
     progress: bool = True,
+    verify_samples: int = 0,
 ) -> CompileResult:
     """Compile ``model_path`` with ``config`` and write ``output_path`` atomically.
 
     The input file is only read. Calibration data (static activations) comes as in-memory
     ``feeds`` or as files (``calibration``, checked against the model's inputs).
+    ``verify_samples > 0``: afterwards run float, QDQ and lowered models on that many
+    calibration samples (``CompileResult.verification``; ``verify.require`` judges it).
     """
     model_path, output_path = Path(model_path), Path(output_path)
     _check_paths(model_path, output_path)
@@ -184,15 +228,26 @@ def compile_model(
     digest = None
     if calibration is not None:
         feeds, digest = calibration.source(model), calibration.digest()
-    reports = run_passes(model, w8a8_passes(config, feeds, progress))
+    if verify_samples and feeds is None:
+        raise QCompileError("--verify runs calibration samples: pass --calib-data or --calib-text")
+    reports = run_passes(model, qdq_passes(config, feeds, progress))
+    lowering = lowering_passes(config)
+    qdq = verify.snapshot(model) if verify_samples and lowering else None
+    reports += run_passes(model, lowering)
     _stamp_provenance(model, config, reports, digest)
     ir_utils.save_model(model, output_path)
+    seconds = time.perf_counter() - start
+    verification = None
+    if verify_samples:
+        samples = list(itertools.islice(feeds(), verify_samples))
+        verification = verify.check(model_path, qdq, output_path, samples)
     return CompileResult(
         output=output_path,
         reports=reports,
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
         input_bytes=model_file_bytes(model_path),
         output_bytes=model_file_bytes(output_path),
+        verification=verification,
     )
 
 
@@ -200,21 +255,38 @@ def plan(model_path: str | Path, config: W8A8Config) -> list[PassReport]:
     """The passes a compile would run and what each would change; writes nothing."""
     model = ir_utils.load_model(model_path)
     passes = w8a8_passes(config, feeds=lambda: (), progress=False)
-    passes = [PlanCalibratePass() if isinstance(p, CalibratePass) else p for p in passes]
+    passes = [
+        PlanCalibratePass(config.placement) if isinstance(p, CalibratePass) else p
+        for p in passes
+    ]
     return run_passes(model, passes)
+
+
+def _channel_count(value: ir.Value) -> int:
+    """Channels of a non-target activation (NCHW axis 1, else the last); 1 when unknown."""
+    shape = value.shape
+    if shape is None or len(shape) == 0:
+        return 1
+    dim = shape[1] if len(shape) == 4 else shape[-1]
+    return dim if isinstance(dim, int) else 1
 
 
 class PlanCalibratePass(ir.passes.InPlacePass):
     """Stands in for calibration in ``plan``: placeholder statistics (range [-1, 1], channel
     means 0, one per input channel of the reading op), no model run."""
 
+    def __init__(self, placement: str = "fusable") -> None:
+        super().__init__()
+        self.placement = placement
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        values = activations_to_observe(model)
+        values = activations_to_observe(model, self.placement)
         self.summary = f"would observe {len(values)} activations"
         channels = {id(t.activation): t.input_channels for t in targets(model)}
         for value in values:
+            count = channels.get(id(value)) or _channel_count(value)
             stats = TensorStats(channel_axis=1)
-            stats.update(np.tile(np.array([[-1.0], [1.0]], np.float32), (1, channels[id(value)])))
+            stats.update(np.tile(np.array([[-1.0], [1.0]], np.float32), (1, count)))
             value.meta[STATS_KEY] = stats
         return ir.passes.PassResult(model, modified=False)
 

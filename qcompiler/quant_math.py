@@ -219,6 +219,52 @@ def quantize_tensor(
     return QuantizedTensor(quantize(x, scale, zero_point, qtype, block), scale, zero_point, block)
 
 
+# --- integer linear ops (seed 004: "Linear Operations Can Cheaply Deal with Scales") -------
+#
+# With symmetric weights (z_w = 0) a linear layer y = W x + b on quantized operands is
+#
+#     y ≈ s_x s_w · (Σ_k (x^q_k − z_x) W^q_k + b^q)            b^q = round(b / (s_x s_w))
+#       = s_x s_w · (Σ_k x^q_k W^q_k + B^q)                     B^q = b^q − z_x Σ_k W^q_k
+#
+# B^q is one int32 per output channel, computed offline; the run-time work is the integer
+# product and one multiply. Requantizing to an 8-bit output is q_y = round(M · acc) + z_y with
+# M = s_x s_w / s_y.
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+def bias_to_int32(bias: np.ndarray, x_scale: np.ndarray, w_scale: np.ndarray) -> np.ndarray:
+    """``b^q = round_half_even(b / (s_x s_w))`` (int32), the bias on the accumulator's grid."""
+    grid = np.float64(x_scale) * np.asarray(w_scale, np.float64)
+    q = np.rint(np.asarray(bias, np.float64) / grid)
+    if np.any(q < INT32_MIN) or np.any(q > INT32_MAX):
+        raise OverflowError("bias does not fit int32 on the s_x·s_w grid")
+    return q.astype(np.int32)
+
+
+def fold_zero_point(
+    bias_q: np.ndarray, x_zero: int, w_q: np.ndarray, reduce_axes: tuple[int, ...]
+) -> np.ndarray:
+    """``B^q = b^q − z_x · Σ W^q`` over the input axes ``reduce_axes`` (int32, exact)."""
+    column_sums = w_q.astype(np.int64).sum(axis=reduce_axes)
+    folded = np.asarray(bias_q, np.int64) - np.int64(x_zero) * column_sums
+    if np.any(folded < INT32_MIN) or np.any(folded > INT32_MAX):
+        raise OverflowError("folded bias does not fit int32")
+    return folded.astype(np.int32)
+
+
+def integer_matmul(x_q: np.ndarray, x_zero: int, w_q: np.ndarray, bias_q=None) -> np.ndarray:
+    """The exact int64 accumulator ``Σ_k (x^q − z_x) W^q[k, n] + b^q[n]`` (reference)."""
+    acc = (x_q.astype(np.int64) - np.int64(x_zero)) @ w_q.astype(np.int64)
+    return acc if bias_q is None else acc + np.asarray(bias_q, np.int64)
+
+
+def requantize(acc: np.ndarray, multiplier: np.ndarray, zero: int, qtype: IntType) -> np.ndarray:
+    """``q_y = clip(round_half_even(M · acc) + z_y)`` with ``M = s_x s_w / s_y``."""
+    y = np.rint(acc.astype(np.float64) * np.asarray(multiplier, np.float64)) + zero
+    return np.clip(y, qtype.qmin, qtype.qmax).astype(qtype.numpy_dtype)
+
+
 # --- error measures --------------------------------------------------------------------------
 
 

@@ -62,7 +62,7 @@ def test_matmul_lowering_matches_integer_reference(scheme):
     assert result.modified
     check(model)
     ops = op_types(model)
-    assert ops.count("MatMulInteger") == 2 and "MatMul" not in ops
+    assert ops.count("MatMulIntegerToFloat") == 2 and "MatMul" not in ops
     init = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     x = np.random.default_rng(0).normal(size=(2, 5, 32)).astype(np.float32)
     ref = REFERENCES[scheme]
@@ -93,7 +93,7 @@ def test_zero_rows_do_not_divide_by_zero():
 
 def test_shared_activation_is_quantized_once_and_convs_are_left_alone():
     model, _ = _lowered(graphs.conv(), "per-token")
-    assert "MatMulInteger" not in op_types(model) and "Conv" in op_types(model)
+    assert "MatMulIntegerToFloat" not in op_types(model) and "Conv" in op_types(model)
     model, _ = _lowered(graphs.mlp(), "per-token")
     assert op_types(model).count("ReduceMin") == 2  # two distinct activations
 
