@@ -148,11 +148,9 @@ class QLinearConvRule(RewriteRuleClassBase):
 
     def rewrite(self, op, xq, sx, zx, wq, sw, zw, sy, zy, conv, act=None):
         node = conv.producer()
-        grid = _const(sx).reshape(()) * _const(sw).reshape(-1)
-        bias, _ = int32_bias(_input(node, 2), grid)
         inputs = [xq, sx, zx, wq, sw, zw, sy, zy]
-        if bias is not None:
-            inputs.append(op.initializer(ir.tensor(bias), name=f"{node.name}.bias_int32"))
+        if _input(node, 2) is not None:  # the int32 b^q the check accepted, as it is
+            inputs.append(_input(node, 2).producer().inputs[0])
         return op.QLinearConv(*inputs, **node.attributes)
 
 
@@ -287,18 +285,25 @@ class MatMulIntegerToFloatRule(RewriteRuleClassBase):
         bias_q = np.zeros(channels, np.int32) if bias_q is None else bias_q
         folded = qm.fold_zero_point(bias_q, x_zero, weight, reduce_axes=(0,))
         grid = np.broadcast_to(x_scale * w_scale, (channels,))
-        name = linear.producer().name
+        node = linear.producer()
+
+        def initializer(suffix: str, array: np.ndarray) -> ir.Value:
+            name = ir_utils.unique_name(node.graph, f"{node.name or 'linear'}.{suffix}")
+            return op.initializer(ir.tensor(array), name=name)
+
+        transposed = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
+        scaled = not np.array_equal(w_scale, _const(sw).reshape(-1))
         inputs = [
             xq,
-            op.initializer(ir.tensor(np.ascontiguousarray(weight)), name=f"{name}.weight_kn"),
+            initializer("weight_kn", np.ascontiguousarray(weight)) if transposed else wq,
             sx,
-            op.initializer(ir.tensor(w_scale), name=f"{name}.weight_scale"),
+            initializer("weight_scale", w_scale) if scaled else sw,
             None,
             None,
         ]
         if np.any(folded):
             bias_f = (grid * folded.astype(np.float64)).astype(np.float32)
-            inputs.append(op.initializer(ir.tensor(bias_f), name=f"{name}.bias_folded"))
+            inputs.append(initializer("bias_folded", bias_f))
         return op.MatMulIntegerToFloat(*inputs, _domain=MS)
 
 

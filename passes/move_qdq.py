@@ -6,6 +6,12 @@ commutes with every op that only moves elements (``Reshape``, ``Flatten``, ``Tra
 
     Q(S(y)) = S(Q(y))          S(DQ(x)) = DQ(S(x))
 
+DequantizeLinear also commutes with ``Gather`` along any axis (it picks elements) and with
+``Concat`` when every input shares one scale and zero point::
+
+    Gather(DQ(x), i) = DQ(Gather(x, i))       Concat(DQ(a, s, z), DQ(b, s, z)) = DQ(Concat(a, b), s, z)
+
+(Q is not hoisted above a Gather: that would quantize the whole table to read a few rows.)
 Hoisting Q above a shape op and sinking DQ below one brings each pair next to the op it
 belongs to (``GlobalAveragePool → Flatten → Q`` becomes ``GlobalAveragePool → Q → Flatten``, so
 the pooling can run on integers) and shape ops then move 8-bit data. A round trip with equal
@@ -17,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from onnxscript.rewriter import MatchResult, RewritePass, RewriteRuleClassBase, RewriteRuleSet
+from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
 from passes.activation_points import SHAPE_ONLY_OPS
 from qcompiler import ir_utils
@@ -87,6 +93,50 @@ class SinkDequantize(RewriteRuleClassBase):
         return op.DequantizeLinear(moved, scale, zero)
 
 
+class _SinkDequantizeBelowConcat(RewriteRuleClassBase):
+    """``Concat(DQ(a, s, z), DQ(b, s, z), …) → DQ(Concat(a, b, …), s, z)``; subclasses fix
+    the number of inputs (patterns have a fixed arity)."""
+
+    def _check(self, pairs, joined) -> MatchResult:
+        why = next((w for w in (per_tensor(s, z) for s, z in pairs) if w), None)
+        if why:
+            return MatchResult().fail(why)
+        if not all(same_params(*pairs[0], *other) for other in pairs[1:]):
+            return MatchResult().fail("inputs have different scales: Concat would requantize")
+        return MatchResult()
+
+    def _rewrite(self, op, xs, s, z, joined):
+        return op.DequantizeLinear(op.Concat(*xs, **joined.producer().attributes), s, z)
+
+
+def _dq(op, x, s, z):
+    return op.DequantizeLinear(x, s, z, _allow_other_attributes=True)
+
+
+class SinkDequantizeBelowConcat2(_SinkDequantizeBelowConcat):
+    def pattern(self, op, x0, s0, z0, x1, s1, z1):
+        return op.Concat(_dq(op, x0, s0, z0), _dq(op, x1, s1, z1), _allow_other_attributes=True,
+                         _outputs=["joined"])
+
+    def check(self, context, x0, s0, z0, x1, s1, z1, joined) -> MatchResult:
+        return self._check([(s0, z0), (s1, z1)], joined)
+
+    def rewrite(self, op, x0, s0, z0, x1, s1, z1, joined):
+        return self._rewrite(op, [x0, x1], s0, z0, joined)
+
+
+class SinkDequantizeBelowConcat3(_SinkDequantizeBelowConcat):
+    def pattern(self, op, x0, s0, z0, x1, s1, z1, x2, s2, z2):
+        return op.Concat(_dq(op, x0, s0, z0), _dq(op, x1, s1, z1), _dq(op, x2, s2, z2),
+                         _allow_other_attributes=True, _outputs=["joined"])
+
+    def check(self, context, x0, s0, z0, x1, s1, z1, x2, s2, z2, joined) -> MatchResult:
+        return self._check([(s0, z0), (s1, z1), (s2, z2)], joined)
+
+    def rewrite(self, op, x0, s0, z0, x1, s1, z1, x2, s2, z2, joined):
+        return self._rewrite(op, [x0, x1, x2], s0, z0, joined)
+
+
 class CancelRoundTrip(RewriteRuleClassBase):
     """``Q(DQ(x, s, z), s, z) → x``."""
 
@@ -113,7 +163,8 @@ class CancelRoundTrip(RewriteRuleClassBase):
 def rules() -> RewriteRuleSet:
     return RewriteRuleSet(
         [HoistQuantize.rule(t) for t in SHAPE_ONLY_OPS]
-        + [SinkDequantize.rule(t) for t in SHAPE_ONLY_OPS]
+        + [SinkDequantize.rule(t) for t in (*SHAPE_ONLY_OPS, "Gather")]
+        + [SinkDequantizeBelowConcat2.rule(), SinkDequantizeBelowConcat3.rule()]
         + [CancelRoundTrip.rule()]
     )
 

@@ -52,7 +52,7 @@ def _recipe_options(f):
                      help="int8 per-channel weights, 8-bit activations."),
         click.option("--activations", type=click.Choice(ACTIVATION_SCHEMES),
                      help="static (calibrated, per tensor) | dynamic (per tensor) | per-token. "
-                          "Default: static with calibration data, per-token without."),
+                          "Default: static with calibration data, per-token-sym without."),
         click.option("--calib-data", type=click.Path(path_type=Path),
                      help=".npz of stacked samples named after the inputs, or a folder of .npz feeds."),
         click.option("--calib-text", type=click.Path(path_type=Path),
@@ -89,7 +89,7 @@ def _config(activations, calibration, calib_method, percentile, max_calib_sample
             keep_embeddings_float=False, float_residuals=False, target="ort-cpu"):
     if activations is None:
         static = calibration is not None or target != "ort-cpu"
-        activations = "static" if static else "per-token"
+        activations = "static" if static else "per-token-sym"
     if activations == "static" and calibration is None:
         raise QCompileError(
             "static activations need calibration data: pass --calib-data or --calib-text"

@@ -156,10 +156,11 @@ def image_metrics(
 # --- latency ---------------------------------------------------------------------------------
 
 
-def interleaved_latency(
+def interleaved_times(
     sessions: dict[str, object], feed: Feed, runs: int = 20, warmup: int = 3
-) -> dict[str, float]:
-    """Median milliseconds per run of each session, runs interleaved across sessions."""
+) -> dict[str, list[float]]:
+    """Milliseconds of every run of each session, runs interleaved across sessions (so that a
+    slow spell of a shared machine falls on all of them alike)."""
     feed = dict(feed)
     for session in sessions.values():
         for _ in range(warmup):
@@ -170,6 +171,14 @@ def interleaved_latency(
             start = time.perf_counter()
             session.run(None, feed)
             times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def interleaved_latency(
+    sessions: dict[str, object], feed: Feed, runs: int = 20, warmup: int = 3
+) -> dict[str, float]:
+    """Median milliseconds per run of each session, runs interleaved across sessions."""
+    times = interleaved_times(sessions, feed, runs, warmup)
     return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -219,3 +219,54 @@ def test_per_axis_round_trip_on_different_axes_is_not_cancelled():
     MoveQDQPass()(model)
     x_q = (np.arange(16, dtype=np.uint8) * 10).reshape(4, 4)
     np.testing.assert_array_equal(run(model, {"x_q": x_q})[0], run(proto, {"x_q": x_q})[0])
+
+
+def _dq_into(op_node, inputs, scales, out_shape, extra_inits=None):
+    """uint8 inputs → one DQ each (scale from ``scales``, zero 128) → ``op_node`` → y."""
+    nodes, inits = [], dict(extra_inits or {})
+    for i, (name, scale) in enumerate(zip(inputs, scales)):
+        inits[f"s{i}"], inits[f"z{i}"] = np.float32(scale), np.uint8(128)
+        nodes.append(helper.make_node("DequantizeLinear", [name, f"s{i}", f"z{i}"], [f"{name}_dq"]))
+    nodes.append(op_node)
+    return graphs.make_model(
+        nodes,
+        [helper.make_tensor_value_info(n, TensorProto.UINT8, [2, 3]) for n in inputs],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+        inits,
+        opset=graphs.QDQ_OPSET,
+    )
+
+
+def _u8(seed):
+    return np.random.default_rng(seed).integers(0, 256, (2, 3)).astype(np.uint8)
+
+
+def test_dequantize_sinks_below_gather_so_only_picked_rows_are_converted():
+    node = helper.make_node("Gather", ["a_dq", "idx"], ["y"], axis=0)
+    proto = _dq_into(node, ["a"], [0.1], [1, 3], {"idx": np.array([1], np.int64)})
+    model = to_ir(proto)
+    assert MoveQDQPass()(model).modified
+    assert op_types(model) == ["Gather", "DequantizeLinear"]
+    feed = {"a": _u8(0)}
+    np.testing.assert_array_equal(run(model, feed)[0], run(proto, feed)[0])
+
+
+@pytest.mark.parametrize("arity", [2, 3])
+def test_concat_of_equal_grids_becomes_one_dequantize(arity):
+    names = ["a", "b", "c"][:arity]
+    node = helper.make_node("Concat", [f"{n}_dq" for n in names], ["y"], axis=1)
+    proto = _dq_into(node, names, [0.1] * arity, [2, 3 * arity])
+    model = to_ir(proto)
+    assert MoveQDQPass()(model).modified
+    assert op_types(model) == ["Concat", "DequantizeLinear"]
+    check(model)
+    feed = {n: _u8(i) for i, n in enumerate(names)}
+    np.testing.assert_array_equal(run(model, feed)[0], run(proto, feed)[0])
+    assert not MoveQDQPass()(model).modified
+
+
+def test_concat_of_different_grids_is_refused_with_the_reason():
+    node = helper.make_node("Concat", ["a_dq", "b_dq"], ["y"], axis=1)
+    model = to_ir(_dq_into(node, ["a", "b"], [0.1, 0.2], [2, 6]))
+    assert "different scales" in " ".join(_refusals(rules(), model))
+    assert not MoveQDQPass()(model).modified

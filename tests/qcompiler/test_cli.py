@@ -26,7 +26,7 @@ def _one_line_error(capsys):
 def test_compile_default_command_writes_output(mlp_path, capsys):
     assert main([str(mlp_path), "--w8a8", "--quiet"]) == 0
     assert mlp_path.with_name("mlp.w8a8.onnx").exists()
-    assert "per-token activations" in capsys.readouterr().out
+    assert "per-token-sym activations" in capsys.readouterr().out
 
 
 def test_static_with_calibration_file(mlp_path, tmp_path):
