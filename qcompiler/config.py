@@ -63,8 +63,10 @@ class W8A8Config:
         (faster than ``per-token``, as accurate on SmolLM2: see the benchmark).
     ``op_types``: which weighted ops are quantized. ``exclude``: node names left in float.
     Activation×activation MatMuls (attention scores) stay in float.
-    ``target``: ``ort-cpu`` lowers to ONNX Runtime's integer kernels; ``qdq`` and ``ort-cuda``
-    keep standard Q/DQ pairs (placed by TensorRT's rules) and need static activations.
+    ``target``: ``ort-cpu`` lowers to ONNX Runtime's integer kernels; ``qdq`` keeps standard
+    Q/DQ pairs placed by TensorRT's rules; ``ort-cuda`` keeps Q/DQ on the weighted ops' inputs
+    only (the CUDA provider has no integer kernels to gain from more). Both need static
+    activations.
     ``float_residuals``: static only — quantize only the inputs of weighted ops; residual adds
     (and the outputs feeding them) stay float. More accurate on CNNs (MobileNetV2 photo crops
     96% vs 94% top-1 agreement), slower (their convs cannot requantize into an integer add).
@@ -103,8 +105,8 @@ class W8A8Config:
     @property
     def placement(self) -> str:
         """Q/DQ placement rules (``passes.activation_points``)."""
-        if self.float_residuals:
-            return "weighted"
+        if self.float_residuals or self.target == "ort-cuda":
+            return "weighted"  # ort-cuda: no integer add kernel, quantizing adds only costs
         return "fusable" if self.target == "ort-cpu" else "all"
 
     @property

@@ -84,8 +84,8 @@ class Verification:
 
     def lines(self) -> list[str]:
         head = [] if self.ops else [
-            "no QDQ stage to compare (run-time scales are lowered as they are inserted): "
-            "end-to-end figures only"]
+            "no separate lowering to check (QDQ output, or run-time scales lowered as they are "
+            "inserted): end-to-end figures only"]
         return head + [c.line() for c in self.ops] + [c.line() for c in self.outputs]
 
 

@@ -114,3 +114,12 @@ def test_plan_prints_passes(mlp_path, capsys):
     out = capsys.readouterr().out
     assert "SelectTargetsPass" in out and "+2 com.microsoft.MatMulIntegerToFloat" in out
     assert not mlp_path.with_name("mlp.w8a8.onnx").exists()
+
+
+def test_ort_cuda_target_says_it_saves_memory_not_time(mlp_path, tmp_path, capsys):
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).normal(size=(4, 1, 3, 32)).astype(np.float32))
+    out = tmp_path / "cuda.onnx"
+    assert main([str(mlp_path), "--w8a8", "--target", "ort-cuda", "--calib-data", str(tmp_path / "c.npz"),
+                 "-o", str(out), "--quiet"]) == 0
+    assert "saves memory, not time" in capsys.readouterr().err
+    assert all(n.domain == "" for n in onnx.load(out).graph.node)

@@ -70,3 +70,28 @@ def test_static_without_data_and_output_equal_to_input_are_refused(mlp_path):
         compile_model(mlp_path, mlp_path.with_name("o.onnx"), W8A8Config(activations="static"), None)
     with pytest.raises(QCompileError, match="input model"):
         compile_model(mlp_path, mlp_path, W8A8Config(), None)
+
+
+@pytest.mark.parametrize(
+    "target, placement, lowered",
+    [("ort-cpu", "fusable", True), ("qdq", "all", False), ("ort-cuda", "weighted", False)],
+)
+def test_targets_choose_placement_and_lowering(mlp_path, tmp_path, target, placement, lowered):
+    config = W8A8Config(activations="static", target=target)
+    assert config.placement == placement
+    out = tmp_path / f"{target}.onnx"
+    compile_model(mlp_path, out, config, _feeds(), progress=False)
+    ops = {n.op_type for n in onnx.load(out).graph.node}
+    assert ("MatMulIntegerToFloat" in ops) == lowered and ("DequantizeLinear" in ops) != lowered
+
+
+def test_verify_compares_against_the_qdq_stage(mlp_path, tmp_path):
+    result = compile_model(mlp_path, tmp_path / "v.onnx", W8A8Config(activations="static"),
+                           _feeds(), progress=False, verify_samples=3)
+    assert result.verification.ok
+    assert [(c.op_type, c.count) for c in result.verification.ops] == [("MatMulIntegerToFloat", 2)]
+
+
+def test_float_residuals_needs_static_activations():
+    with pytest.raises(QCompileError, match="static"):
+        W8A8Config(activations="per-token", float_residuals=True)
