@@ -22,7 +22,7 @@ setup: $(VENV)/.installed
 demo: setup
 	mkdir -p $(OUT)
 	$(QC) models data minilm --split calib -o $(OUT)/minilm.calib
-	$(QC) $$($(QC) models path minilm) --w8a8 --calib-data $(OUT)/minilm.calib -o $(OUT)/minilm.w8a8.onnx
+	$(QC) $$($(QC) models path minilm) --w8a8 --calib-data $(OUT)/minilm.calib -o $(OUT)/minilm.w8a8.onnx --verify
 	$(QC) $$($(QC) models path minilm) --w8a8 --activations per-token -o $(OUT)/minilm.w8a8-per-token.onnx
 	$(QC) eval $$($(QC) models path minilm) $(OUT)/minilm.w8a8.onnx --task embedding
 	$(QC) eval $$($(QC) models path minilm) $(OUT)/minilm.w8a8-per-token.onnx --task embedding
