@@ -271,9 +271,22 @@ def _channel_count(value: ir.Value) -> int:
     return dim if isinstance(dim, int) else 1
 
 
+def _placeholder_range(value: ir.Value) -> tuple[float, float]:
+    """[-1, 1], or the bounds of the Relu/Clip producing ``value`` (so that the plan absorbs
+    the activation into the output grid as a real compile does)."""
+    node = value.producer()
+    if node is not None and node.op_type == "Relu":
+        return 0.0, 1.0
+    if node is not None and node.op_type == "Clip" and len(node.inputs) == 3:
+        lo, hi = (ir_utils.constant_array(v) for v in node.inputs[1:])
+        if lo is not None and hi is not None:
+            return float(lo), float(hi)
+    return -1.0, 1.0
+
+
 class PlanCalibratePass(ir.passes.InPlacePass):
-    """Stands in for calibration in ``plan``: placeholder statistics (range [-1, 1], channel
-    means 0, one per input channel of the reading op), no model run."""
+    """Stands in for calibration in ``plan``: placeholder statistics (range [-1, 1] or the
+    producing Relu/Clip's bounds, one channel per input channel of the reader), no model run."""
 
     def __init__(self, placement: str = "fusable") -> None:
         super().__init__()
@@ -286,7 +299,8 @@ class PlanCalibratePass(ir.passes.InPlacePass):
         for value in values:
             count = channels.get(id(value)) or _channel_count(value)
             stats = TensorStats(channel_axis=1)
-            stats.update(np.tile(np.array([[-1.0], [1.0]], np.float32), (1, count)))
+            lo, hi = _placeholder_range(value)
+            stats.update(np.tile(np.array([[lo], [hi]], np.float32), (1, count)))
             value.meta[STATS_KEY] = stats
         return ir.passes.PassResult(model, modified=False)
 

@@ -95,3 +95,13 @@ def test_verify_compares_against_the_qdq_stage(mlp_path, tmp_path):
 def test_float_residuals_needs_static_activations():
     with pytest.raises(QCompileError, match="static"):
         W8A8Config(activations="per-token", float_residuals=True)
+
+
+def test_plan_absorbs_relu_like_a_real_compile(tmp_path):
+    from tests.qcompiler.test_verify import conv_chain
+
+    path = tmp_path / "chain.onnx"
+    onnx.save(conv_chain(), path)
+    by_name = {r.name: r for r in plan(path, W8A8Config(activations="static"))}
+    assert by_name["FuseIntegerOpsPass"].added == {"QLinearConv": 1}
+    assert by_name["FuseIntegerOpsPass"].removed.get("Relu") == 1
