@@ -38,14 +38,9 @@ NO_FIT = "targets whose statistics do not fit the weight"
 
 def output_shift(target: QuantTarget, dequantized: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
     """``E[Ŵx − Wx]`` per output channel, or None when ``mean`` does not fit the weight."""
-    return contract(target, dequantized - target.weight, mean)
-
-
-def contract(target: QuantTarget, delta: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
-    """``delta · mean`` per output channel — the weight (as the op sees it) applied to a
-    per-input-channel vector, a Conv's kernel summed spatially — or None when it does not fit."""
     if mean.size != target.input_channels:
         return None
+    delta = dequantized - target.weight
     node = target.node
     if node.op_type == "Conv":
         groups = node.attributes.get_int("group", 1)
@@ -60,9 +55,9 @@ def contract(target: QuantTarget, delta: np.ndarray, mean: np.ndarray) -> np.nda
     return mean.astype(np.float64) @ delta.astype(np.float64)
 
 
-def bias_slot(target: QuantTarget) -> tuple[ir.Node, int] | None:
-    """(node, input index) of the target's constant bias, if it has one."""
-    node = target.node
+def bias_slot(node: ir.Node) -> tuple[ir.Node, int] | None:
+    """(node, input index) of the constant bias of a Conv/Gemm (its third input) or of a
+    MatMul (the constant of an ``Add`` that alone reads its output), if it has one."""
     if node.op_type in ("Conv", "Gemm"):
         return (node, 2) if len(node.inputs) > 2 and node.inputs[2] is not None else None
     users = node.outputs[0].uses()
@@ -96,7 +91,7 @@ class BiasCorrectionPass(ir.passes.InPlacePass):
     @staticmethod
     def _correct(graph: ir.Graph, target: QuantTarget, mean: np.ndarray | None) -> str:
         """Fold the shift into a new bias initializer; returns what happened."""
-        slot = bias_slot(target)
+        slot = bias_slot(target.node)
         if slot is None:
             return NO_BIAS
         shift = None if mean is None else output_shift(target, target.node.meta[WEIGHT_KEY].dequantize(), mean)

@@ -139,12 +139,13 @@ class LowerDynamicActivationsPass(ir.passes.InPlacePass):
         w_rescale = (alpha * w_scale).astype(np.float32)
         column_sums = w_rescale * q.astype(np.float64).sum(axis=0)  # alpha · s_w[n] · Σ_k W^q[k, n]
         inputs = [xq, b.const("weight_q", np.ascontiguousarray(q))]
-        if x_offset is None and x_scale.producer() is not None and x_scale.producer().op_type == "DynamicQuantizeLinear":
-            # per tensor: run-time scale and zero point go to the kernel as they are
+        zero = ir_utils.constant_array(x_zero)
+        if zero is None:
+            # per tensor: the run-time scale and zero point go to the kernel as they are
             inputs += [x_scale, b.const("weight_scale", w_rescale), x_zero]
             y = b.op("MatMulIntegerToFloat", inputs, "matmul_integer", domain=MS)
         else:
-            zero = int(ir_utils.constant_array(x_zero))
+            zero = int(zero)
             inputs += [b.const("unit_scale", np.float32(1.0)), b.const("weight_scale", w_rescale)]
             if zero:
                 inputs += [None, None, b.const("zero_fold", (-zero * column_sums).astype(np.float32))]

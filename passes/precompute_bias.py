@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from passes.bias_correction import bias_slot
 from passes.integer_ops import weight_refusal
 from qcompiler import ir_utils
 from qcompiler import quant_math as qm
@@ -44,18 +45,6 @@ def dequantize_inputs(node: ir.Node) -> tuple[ir.Node, ir.Node] | None:
     return x_dq, w_dq
 
 
-def _bias_slot(node: ir.Node) -> tuple[ir.Node, int] | None:
-    """(node, input index) holding the float bias of ``node``."""
-    if node.op_type in ("Conv", "Gemm"):
-        return (node, 2) if len(node.inputs) > 2 and node.inputs[2] is not None else None
-    if node.op_type == "MatMul":
-        uses = list(node.outputs[0].uses())
-        if len(uses) == 1 and uses[0][0].op_type == "Add" and not node.outputs[0].is_graph_output():
-            add, index = uses[0]
-            return (add, 1 - index)
-    return None
-
-
 class PrecomputeBiasPass(ir.passes.InPlacePass):
     """Replace the float bias of every DQ-fed Conv/Gemm/MatMul(+Add) by int32 ``b^q`` behind a
     DequantizeLinear (module docstring). Idempotent: an int32 bias is left alone."""
@@ -75,7 +64,7 @@ class PrecomputeBiasPass(ir.passes.InPlacePass):
     @staticmethod
     def _try_precompute(graph: ir.Graph, node: ir.Node) -> bool:
         dq = dequantize_inputs(node)
-        slot = _bias_slot(node)
+        slot = bias_slot(node)
         if dq is None or slot is None:
             return False
         x_dq, w_dq = dq

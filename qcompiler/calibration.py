@@ -41,7 +41,6 @@ def collect_stats(
     mask_padding: bool = True,
     max_samples: int | None = None,
     progress: bool = True,
-    description: str = "calibrating",
 ) -> dict[str, TensorStats]:
     """Statistics of ``values`` (by name) over the float model's run on ``feeds``;
     ``channel_axes`` gives a value's channel axis (default: the last)."""
@@ -56,7 +55,7 @@ def collect_stats(
         session = create_session(path)
         names = [v.name for v in observed]
         samples = 0
-        for feed in tqdm(feeds, desc=description, unit="sample", disable=not progress):
+        for feed in tqdm(feeds, desc="calibrating", unit="sample", disable=not progress):
             outputs = _run(session, names, feed)
             mask = feed.get(MASK_INPUT) if mask_padding else None
             for name in stats:

@@ -130,64 +130,72 @@ def _single_op(node: onnx.NodeProto, lowered: onnx.ModelProto, sample: Feed) -> 
     return model.SerializeToString()
 
 
-def check_ops(qdq: bytes, lowered: onnx.ModelProto, feeds: list[Feed]) -> list[OpCheck]:
-    """Run each integer op of ``lowered`` on the QDQ model's tensors (module docstring)."""
-    qdq_proto = onnx.load_from_string(qdq)
-    qdq_values = {o for n in qdq_proto.graph.node for o in n.output} | {
-        i.name for i in qdq_proto.graph.input
-    }
+def _checkable(qdq: onnx.ModelProto, lowered: onnx.ModelProto):
+    """(integer ops whose tensors all exist in the QDQ model, count of the others by type)."""
+    known = {o for n in qdq.graph.node for o in n.output} | {i.name for i in qdq.graph.input}
     inits = {i.name for i in lowered.graph.initializer}
-    nodes = [n for n in lowered.graph.node if n.op_type in INTEGER_OPS]
     checkable, unchecked = [], collections.Counter()
-    for node in nodes:
+    for node in (n for n in lowered.graph.node if n.op_type in INTEGER_OPS):
         needed = [n for n in node.input if n and n not in inits] + [node.output[0]]
-        (checkable.append(node) if all(n in qdq_values for n in needed)
-         else unchecked.update([node.op_type]))
-    names = sorted({n for node in checkable for n in node.input if n and n not in inits}
-                   | {node.output[0] for node in checkable})
-    reference = _run(_with_outputs(qdq_proto, names), feeds, optimize=False,
-                     names=names) if checkable else []
+        if all(n in known for n in needed):
+            checkable.append(node)
+        else:
+            unchecked.update([node.op_type])
+    return checkable, unchecked
+
+
+def _step_error(want: np.ndarray, have: np.ndarray) -> float:
+    """max |have − want| in steps: integer levels, or (max − min)/255 of a float tensor."""
+    if want.dtype.kind in "ui":
+        return float(np.abs(have.astype(np.int64) - want.astype(np.int64)).max())
+    step = max(float(want.max() - want.min()) / LEVELS, 1e-30)
+    return float(np.abs(have - want).max()) / step
+
+
+def check_ops(lowered: onnx.ModelProto, checkable, unchecked, reference) -> list[OpCheck]:
+    """Run each checkable integer op alone on the QDQ model's tensors (``reference``: one dict
+    of tensors per sample) and keep each op type's worst error."""
     worst: dict[str, list[float]] = {}
     for node in checkable:
-        single = _single_op(node, lowered, reference[0])
-        got = _run(single, reference, optimize=False)
-        error = 0.0
-        for ref, out in zip(reference, got):
-            want, have = ref[node.output[0]], out[node.output[0]]
-            if want.dtype.kind in "ui":
-                delta = np.abs(have.astype(np.int64) - want.astype(np.int64))
-                error = max(error, float(delta.max()))
-            else:
-                step = max(float(want.max() - want.min()) / LEVELS, 1e-30)
-                error = max(error, float(np.abs(have - want).max()) / step)
+        got = _run(_single_op(node, lowered, reference[0]), reference, optimize=False)
+        error = max(_step_error(r[node.output[0]], g[node.output[0]]) for r, g in zip(reference, got))
         entry = worst.setdefault(node.op_type, [0, 0.0])
         entry[0] += 1
         entry[1] = max(entry[1], error)
     checks = [OpCheck(op, int(n), err, 1.0, unchecked.pop(op, 0))
               for op, (n, err) in sorted(worst.items())]
-    checks += [OpCheck(op, 0, 0.0, 1.0, n) for op, n in sorted(unchecked.items())]
-    return checks
+    return checks + [OpCheck(op, 0, 0.0, 1.0, n) for op, n in sorted(unchecked.items())]
 
 
-def check_outputs(float_model: Path, qdq: bytes | None, lowered: Path, feeds: list[Feed]):
+def check_outputs(float_runs, qdq_runs, lowered_runs) -> list[OutputCheck]:
     """End-to-end figures per model output."""
-    low = _run(lowered, feeds)
-    ref = _run(float_model, feeds)
-    qd = _run(qdq, feeds, optimize=False) if qdq is not None else low
     checks = []
-    for name in low[0]:
-        flat = [np.concatenate([r[name].reshape(-1) for r in runs]).astype(np.float64)
-                for runs in (ref, qd, low)]
-        f, q, lw = flat
+    for name in lowered_runs[0]:
+        f, q, lw = (np.concatenate([r[name].reshape(-1) for r in runs]).astype(np.float64)
+                    for runs in (float_runs, qdq_runs, lowered_runs))
         checks.append(OutputCheck(name, qm.sqnr_db(f, q), qm.sqnr_db(f, lw),
                                   float(np.abs(lw - q).max()), float(q.max() - q.min()) / LEVELS))
     return checks
 
 
 def check(float_model: Path, qdq: bytes | None, lowered: Path, feeds: list[Feed]) -> Verification:
-    """Op-by-op checks of the lowering (none without a QDQ stage) and end-to-end figures."""
-    ops = check_ops(qdq, onnx.load(lowered), feeds) if qdq is not None else []
-    return Verification(ops, check_outputs(float_model, qdq, lowered, feeds))
+    """Op-by-op checks of the lowering (none without a QDQ stage) and end-to-end figures.
+    Each of the three models runs once over ``feeds``; the QDQ run also exposes the tensors
+    the op-by-op checks read."""
+    lowered_runs = _run(lowered, feeds)
+    float_runs = _run(float_model, feeds)
+    if qdq is None:
+        return Verification([], check_outputs(float_runs, lowered_runs, lowered_runs))
+    lowered_proto, qdq_proto = onnx.load(lowered), onnx.load_from_string(qdq)
+    checkable, unchecked = _checkable(qdq_proto, lowered_proto)
+    inits = {i.name for i in lowered_proto.graph.initializer}
+    outputs = [o.name for o in qdq_proto.graph.output]
+    names = outputs + sorted(
+        {n for node in checkable for n in (*node.input, node.output[0]) if n and n not in inits}
+        - set(outputs))
+    qdq_runs = _run(_with_outputs(qdq_proto, names), feeds, optimize=False, names=names)
+    ops = check_ops(lowered_proto, checkable, unchecked, qdq_runs)
+    return Verification(ops, check_outputs(float_runs, qdq_runs, lowered_runs))
 
 
 def require(result: Verification | None) -> None:
