@@ -41,13 +41,17 @@ def collect_stats(
     mask_padding: bool = True,
     max_samples: int | None = None,
     progress: bool = True,
+    keep_rows: int = 0,
+    histogram: bool = True,
 ) -> dict[str, TensorStats]:
     """Statistics of ``values`` (by name) over the float model's run on ``feeds``;
-    ``channel_axes`` gives a value's channel axis (default: the last)."""
+    ``channel_axes`` gives a value's channel axis (default: the last); ``keep_rows``: also
+    sample that many rows of each (``TensorStats.rows``); ``histogram=False``: no histograms
+    (no range method but min-max can be applied)."""
     graph_inputs = {v.name for v in model.graph.inputs}
     observed = [v for v in values if v.name not in graph_inputs]
     axes = channel_axes or {}
-    stats = {v.name: TensorStats(channel_axis=axes.get(v.name, -1)) for v in values}
+    stats = {v.name: TensorStats(channel_axis=axes.get(v.name, -1), keep_rows=keep_rows, histogram=histogram) for v in values}
     with tempfile.TemporaryDirectory(prefix="qcompile-calib-") as tmp:
         path = Path(tmp) / "calibration.onnx"
         with ir_utils.extra_outputs(model, observed):
@@ -67,6 +71,15 @@ def collect_stats(
     if samples == 0:
         raise QCompileError("the calibration data holds no samples")
     return stats
+
+
+def run_once(model: ir.Model, values: list[ir.Value], feed: Feed) -> dict[str, np.ndarray]:
+    """The float model's ``values`` on one feed (a one-off session, any model size)."""
+    with tempfile.TemporaryDirectory(prefix="qcompile-probe-") as tmp:
+        path = Path(tmp) / "probe.onnx"
+        with ir_utils.extra_outputs(model, values):
+            ir.save(model, path, external_data="probe.onnx.data")
+        return _run(create_session(path), [v.name for v in values], feed)
 
 
 def _run(session, names: list[str], feed: Feed) -> dict[str, np.ndarray]:

@@ -74,6 +74,12 @@ def _recipe_options(f):
         click.option("--float-residuals", is_flag=True,
                      help="Static: quantize only the inputs of weighted ops; residual adds stay "
                           "float (more accurate on CNNs, slower)."),
+        click.option("--smoothquant/--no-smoothquant", default=None,
+                     help="Fold per-channel scales that move activation outliers into the "
+                          "weights (needs calibration data). Default: on when calibration finds "
+                          "outlier channels."),
+        click.option("--smoothquant-alpha", type=click.FloatRange(0.0, 1.0),
+                     help="Fix SmoothQuant's migration strength α (default: searched per layer)."),
         click.option("--target", type=click.Choice(TARGETS), default="ort-cpu",
                      show_default=True,
                      help="ort-cpu: ONNX Runtime's integer kernels (QLinearConv, "
@@ -86,7 +92,8 @@ def _recipe_options(f):
 
 
 def _config(activations, calibration, calib_method, percentile, max_calib_samples, exclude,
-            keep_embeddings_float=False, float_residuals=False, target="ort-cpu"):
+            keep_embeddings_float=False, float_residuals=False, target="ort-cpu",
+            smoothquant=None, smoothquant_alpha=None):
     if activations is None:
         static = calibration is not None or target != "ort-cpu"
         activations = "static" if static else "per-token-sym"
@@ -95,14 +102,19 @@ def _config(activations, calibration, calib_method, percentile, max_calib_sample
             "static activations need calibration data: pass --calib-data or --calib-text"
             + (f" (--target {target} is static Q/DQ)" if target != "ort-cpu" else "")
         )
-    return W8A8Config(
+    config = W8A8Config(
         activations=activations,
         calibration=CalibrationConfig(calib_method, percentile, max_calib_samples),
         exclude=tuple(exclude),
         quantize_embeddings=not keep_embeddings_float,
         target=target,
         float_residuals=float_residuals,
+        smoothquant=smoothquant,
+        smoothquant_alpha=smoothquant_alpha,
     )
+    if config.smoothquant_on and calibration is None:
+        raise QCompileError("--smoothquant measures activations: pass --calib-data or --calib-text")
+    return config
 
 
 def _calibration(calib_data_path, calib_text, tokenizer, seq_len):
@@ -125,14 +137,16 @@ def _calibration(calib_data_path, calib_text, tokenizer, seq_len):
 @click.option("--quiet", is_flag=True, help="No progress bars or pass summary.")
 def compile_command(model, output, recipe, activations, calib_data, calib_text, tokenizer,
                     seq_len, calib_method, percentile, max_calib_samples, exclude,
-                    keep_embeddings_float, float_residuals, target, verify_samples, quiet):
+                    keep_embeddings_float, float_residuals, smoothquant, smoothquant_alpha,
+                    target, verify_samples, quiet):
     """Quantize MODEL."""
     from qcompiler import verify
     from qcompiler.pipeline import compile_model
 
     calibration = _calibration(calib_data, calib_text, tokenizer, seq_len)
     config = _config(activations, calibration, calib_method, percentile, max_calib_samples,
-                     exclude, keep_embeddings_float, float_residuals, target)
+                     exclude, keep_embeddings_float, float_residuals, target, smoothquant,
+                     smoothquant_alpha)
     output = output or model.with_name(f"{model.stem}.{recipe}.onnx")
     result = compile_model(model, output, config, calibration=calibration, progress=not quiet,
                            verify_samples=verify_samples)
@@ -159,13 +173,14 @@ def compile_command(model, output, recipe, activations, calib_data, calib_text, 
 @_recipe_options
 def plan_command(model, recipe, activations, calib_data, calib_text, tokenizer, seq_len,
                  calib_method, percentile, max_calib_samples, exclude, keep_embeddings_float,
-                 float_residuals, target):
+                 float_residuals, smoothquant, smoothquant_alpha, target):
     """Print the passes a compile would run and what each would change; write nothing."""
     from qcompiler.pipeline import plan
 
     calibration = _calibration(calib_data, calib_text, tokenizer, seq_len)
     config = _config(activations, calibration, calib_method, percentile, max_calib_samples,
-                     exclude, keep_embeddings_float, float_residuals, target)
+                     exclude, keep_embeddings_float, float_residuals, target, smoothquant,
+                     smoothquant_alpha)
     click.echo(f"{model}: {recipe}, {config.activations} activations, target {config.target}")
     for report in plan(model, config):
         click.echo(f"  {report.name:<30} {report.summary()}")

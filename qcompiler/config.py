@@ -70,6 +70,10 @@ class W8A8Config:
     ``float_residuals``: static only — quantize only the inputs of weighted ops; residual adds
     (and the outputs feeding them) stay float. More accurate on CNNs (MobileNetV2 photo crops
     96% vs 94% top-1 agreement), slower (their convs cannot requantize into an integer add).
+    ``smoothquant``: fold per-channel scales that move activation outliers into the weights
+    (``passes.smoothquant``; needs calibration data). None (default): only when calibration
+    finds outlier channels. ``smoothquant_alpha``: fix the migration strength ``α`` instead of
+    searching it per layer.
     """
 
     activations: ActivationScheme = "per-token-sym"
@@ -79,6 +83,8 @@ class W8A8Config:
     quantize_embeddings: bool = True
     target: str = "ort-cpu"
     float_residuals: bool = False
+    smoothquant: bool | None = None
+    smoothquant_alpha: float | None = None
 
     name = "w8a8"
 
@@ -98,6 +104,11 @@ class W8A8Config:
             )
         if self.float_residuals and self.activations != "static":
             raise QCompileError("--float-residuals applies to static activations (--calib-data)")
+        if self.smoothquant_alpha is not None:
+            if not 0.0 <= self.smoothquant_alpha <= 1.0:
+                raise QCompileError(f"--smoothquant-alpha must be in [0, 1], got {self.smoothquant_alpha}")
+            if self.smoothquant is False:
+                raise QCompileError("--smoothquant-alpha contradicts --no-smoothquant")
         unknown = set(self.op_types) - set(QUANTIZABLE_OPS)
         if unknown:
             raise QCompileError(f"cannot quantize op types {sorted(unknown)}")
@@ -111,7 +122,12 @@ class W8A8Config:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.activations == "static"
+        return self.activations == "static" or self.smoothquant_on
+
+    @property
+    def smoothquant_on(self) -> bool:
+        """SmoothQuant asked for explicitly (by the flag or a fixed α)."""
+        return bool(self.smoothquant) or self.smoothquant_alpha is not None
 
     def flags(self) -> dict:
         """The settings as plain data, for provenance metadata."""

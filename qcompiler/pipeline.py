@@ -4,6 +4,8 @@ W8A8 (``w8a8_passes``)::
 
     canonicalize            constants as initializers, no Identity, topological order
     select targets          which MatMul/Gemm/Conv are quantized (annotation only)
+    smoothquant             with calibration data: per-channel scales folded into norms /
+                            producing linears (α searched per group; auto: outliers only)
     calibrate               static only: observe the float model, before anything is rewritten
     quantize weights        int8 symmetric per output channel, behind DequantizeLinear
     quantize embeddings     large Gather tables as int8 rows + per-row scales
@@ -54,6 +56,7 @@ from passes.precompute_bias import PrecomputeBiasPass
 from passes.quantize_embeddings import QuantizeEmbeddingsPass
 from passes.quantize_weights import QuantizeWeightsPass
 from passes.select_targets import SelectTargetsPass, targets
+from passes.smoothquant import SmoothQuantPass, groups
 from qcompiler import ir_utils, verify
 from qcompiler.calib_data import CalibrationInput
 from qcompiler.calibration import FeedSource
@@ -90,6 +93,15 @@ def qdq_passes(
         # Annotate before calibrating: only the inputs of the ops we quantize are observed.
         SelectTargetsPass(config.op_types, config.exclude),
     ]
+    if config.smoothquant_on and feeds is None:
+        raise QCompileError("SmoothQuant measures activations: pass --calib-data or --calib-text")
+    if config.smoothquant is not False and feeds is not None:
+        # Rescales the float model: before calibration, which must see the smoothed ranges.
+        passes.append(SmoothQuantPass(
+            feeds, config.activations, config.smoothquant_alpha,
+            enabled=True if config.smoothquant_on else None,
+            calibration=config.calibration, progress=progress,
+        ))
     if config.activations == "static":
         if feeds is None:
             raise QCompileError(
@@ -230,11 +242,15 @@ def compile_model(
         feeds, digest = calibration.source(model), calibration.digest()
     if verify_samples and feeds is None:
         raise QCompileError("--verify runs calibration samples: pass --calib-data or --calib-text")
-    reports = run_passes(model, qdq_passes(config, feeds, progress))
+    passes = qdq_passes(config, feeds, progress)
+    reports = run_passes(model, passes)
     lowering = lowering_passes(config)
     qdq = verify.snapshot(model) if verify_samples and lowering else None
     reports += run_passes(model, lowering)
     _stamp_provenance(model, config, reports, digest)
+    for p in passes:
+        if isinstance(p, SmoothQuantPass) and p.decisions:
+            model.metadata_props["qcompile.smoothquant"] = json.dumps(p.decisions)
     ir_utils.save_model(model, output_path)
     seconds = time.perf_counter() - start
     verification = None
@@ -255,11 +271,22 @@ def plan(model_path: str | Path, config: W8A8Config) -> list[PassReport]:
     """The passes a compile would run and what each would change; writes nothing."""
     model = ir_utils.load_model(model_path)
     passes = w8a8_passes(config, feeds=lambda: (), progress=False)
-    passes = [
-        PlanCalibratePass(config.placement) if isinstance(p, CalibratePass) else p
-        for p in passes
-    ]
+    replacements = {CalibratePass: lambda p: PlanCalibratePass(config.placement),
+                    SmoothQuantPass: lambda p: PlanSmoothQuantPass()}
+    passes = [replacements.get(type(p), lambda p: p)(p) for p in passes]
     return run_passes(model, passes)
+
+
+class PlanSmoothQuantPass(ir.passes.InPlacePass):
+    """Stands in for SmoothQuant in ``plan``: which groups have an exact absorber (whether
+    each is smoothed depends on calibration data); changes nothing."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        found = groups(model)
+        kinds = collections.Counter(g.absorber.kind.split(" ")[0] if g.absorber else "no absorber" for g in found)
+        self.summary = f"{len(found)} groups could be smoothed (" + ", ".join(
+            f"{n} {kind}" for kind, n in sorted(kinds.items())) + ")"
+        return ir.passes.PassResult(model, modified=False)
 
 
 def _channel_count(value: ir.Value) -> int:

@@ -1,7 +1,7 @@
 """Streaming activation statistics and the choice of a quantization range from them (numpy).
 
 ``TensorStats`` is updated batch by batch and never keeps the activations: exact min/max, the
-per-channel absmax (for SmoothQuant) and mean (for bias correction) along a channel axis (the
+per-channel min/max (for SmoothQuant) and mean (for bias correction) along a channel axis (the
 last one for MatMul inputs, 1 for NCHW convs), and a histogram over ``[-R, R]`` whose
 half-width ``R`` is a power of two. When a batch exceeds ``R``, ``R`` doubles and adjacent bin
 pairs merge, so the histogram stays exact (no re-interpolation) whatever the order of batches.
@@ -33,7 +33,9 @@ DEFAULT_BINS = 4096
 class TensorStats:
     """Streaming statistics of one activation tensor."""
 
-    def __init__(self, bins: int = DEFAULT_BINS, channel_axis: int = -1) -> None:
+    def __init__(
+        self, bins: int = DEFAULT_BINS, channel_axis: int = -1, keep_rows: int = 0, histogram: bool = True
+    ) -> None:
         if bins % 4:
             raise ValueError("bins must be a multiple of 4")
         self.bins = bins
@@ -43,15 +45,22 @@ class TensorStats:
         self.max = -math.inf
         self.half_width = 0.0  # R: the histogram covers [-R, R]
         self.hist = np.zeros(bins, np.int64)
-        self.channel_absmax: np.ndarray | None = None
+        self.channel_min: np.ndarray | None = None
+        self.channel_max: np.ndarray | None = None
         self._channel_sum: np.ndarray | None = None
         self._channel_count: np.ndarray | None = None
+        # keep_rows > 0: also a uniform sample of that many rows (positions × channels).
+        self.rows = RowSample(keep_rows) if keep_rows else None
+        self.histogram = histogram  # False: min/max and channel statistics only (cheaper)
 
     def update(self, x: np.ndarray) -> None:
         """Fold a batch of values in. Non-finite values are ignored (counted nowhere)."""
         x = np.asarray(x, np.float32)
         if x.ndim and x.size:
-            self._update_channels(np.moveaxis(x, self.channel_axis, -1).reshape(-1, x.shape[self.channel_axis]))
+            rows = np.moveaxis(x, self.channel_axis, -1).reshape(-1, x.shape[self.channel_axis])
+            self._update_channels(rows)
+            if self.rows is not None:
+                self.rows.update(rows[np.isfinite(rows).all(axis=1)])
         flat = x.ravel()
         flat = flat[np.isfinite(flat)]
         if flat.size == 0:
@@ -59,6 +68,8 @@ class TensorStats:
         self.count += flat.size
         self.min = min(self.min, float(flat.min()))
         self.max = max(self.max, float(flat.max()))
+        if not self.histogram:
+            return
         self._grow_to(max(-self.min, self.max))
         width = 2.0 * self.half_width / self.bins
         index = np.floor((flat.astype(np.float64) + self.half_width) / width).astype(np.int64)
@@ -68,17 +79,28 @@ class TensorStats:
         """``rows``: ``[n, channels]``. A channel axis whose size changes between batches is not
         a channel axis: the per-channel statistics are then dropped (empty)."""
         finite = np.isfinite(rows)
-        clean = np.where(finite, rows, 0.0)
-        absmax, total, count = np.abs(clean).max(axis=0), clean.sum(axis=0, dtype=np.float64), finite.sum(axis=0)
-        if self.channel_absmax is None:
-            self.channel_absmax, self._channel_sum, self._channel_count = absmax, total, count
-        elif self.channel_absmax.shape != absmax.shape or not self.channel_absmax.size:
-            self.channel_absmax = np.zeros(0, np.float32)
+        lo = np.where(finite, rows, np.inf).min(axis=0)
+        hi = np.where(finite, rows, -np.inf).max(axis=0)
+        total = np.where(finite, rows, 0.0).sum(axis=0, dtype=np.float64)
+        count = finite.sum(axis=0)
+        if self.channel_min is None:
+            self.channel_min, self.channel_max, self._channel_sum, self._channel_count = lo, hi, total, count
+        elif self.channel_min.shape != lo.shape or not self.channel_min.size:
+            self.channel_min = self.channel_max = np.zeros(0, np.float32)
             self._channel_sum = self._channel_count = np.zeros(0)
         else:
-            np.maximum(self.channel_absmax, absmax, out=self.channel_absmax)
+            np.minimum(self.channel_min, lo, out=self.channel_min)
+            np.maximum(self.channel_max, hi, out=self.channel_max)
             self._channel_sum += total
             self._channel_count += count
+
+    @property
+    def channel_absmax(self) -> np.ndarray | None:
+        """``max|x|`` of each channel (0 for a channel that never held a finite value)."""
+        if self.channel_min is None:
+            return None
+        absmax = np.maximum(np.abs(self.channel_min), np.abs(self.channel_max))
+        return np.where(np.isfinite(absmax), absmax, 0.0).astype(np.float32)
 
     @property
     def channel_mean(self) -> np.ndarray | None:
@@ -106,6 +128,41 @@ class TensorStats:
     def to_dict(self) -> dict:
         """A JSON-friendly summary (for reports)."""
         return {"count": self.count, "min": self.min, "max": self.max}
+
+
+class RowSample:
+    """A uniform random sample of at most ``capacity`` rows (``[n, channels]`` batches) from a
+    stream, by reservoir sampling with a fixed seed: the same stream gives the same sample, and
+    memory is ``capacity × channels`` however long the stream is."""
+
+    def __init__(self, capacity: int, seed: int = 0) -> None:
+        self.capacity = capacity
+        self.seen = 0
+        self.rows: np.ndarray | None = None
+        self._rng = np.random.default_rng(seed)
+
+    def update(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, np.float32)
+        if rows.ndim != 2 or rows.shape[0] == 0:
+            return
+        if self.rows is None:
+            self.rows = np.empty((self.capacity, rows.shape[1]), np.float32)
+        if rows.shape[1] != self.rows.shape[1]:
+            raise ValueError(f"row width changed from {self.rows.shape[1]} to {rows.shape[1]}")
+        index = self.seen + np.arange(rows.shape[0])
+        fill = index < self.capacity
+        self.rows[index[fill]] = rows[fill]
+        slots = self._rng.integers(0, index + 1)  # row t replaces slot j < capacity w.p. cap/(t+1)
+        for row, slot in zip(np.flatnonzero(~fill & (slots < self.capacity)), slots[~fill & (slots < self.capacity)]):
+            self.rows[slot] = rows[row]
+        self.seen += rows.shape[0]
+
+    @property
+    def sample(self) -> np.ndarray:
+        """The sampled rows ``[min(seen, capacity), channels]``."""
+        if self.rows is None:
+            return np.zeros((0, 0), np.float32)
+        return self.rows[: min(self.seen, self.capacity)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -253,3 +253,172 @@ def qdq_linear(op: str = "Conv", *, x_scale=0.05, x_zero: int = 128, x_dtype=np.
         outputs.append(helper.make_tensor_value_info("m", TensorProto.FLOAT, y_shape))
     return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)], outputs,
                       inits, opset=QDQ_OPSET)
+
+
+# --- builders for SmoothQuant tests (opset 18): activations with outlier channels -------------
+
+
+def _outlier_columns(w: np.ndarray, channels, factor: float) -> np.ndarray:
+    """``w`` with the given output columns multiplied by ``factor`` (outlier channels)."""
+    w = w.copy()
+    w[:, list(channels)] *= factor
+    return w
+
+
+def layernorm_qkv(d: int = 16, n: int = 8, outliers=(3, 11), factor: float = 50.0,
+                  shared_gamma: bool = False, residual: bool = False, seed: int = 0) -> onnx.ModelProto:
+    """x[B,S,d] → LayerNormalization(γ, β) → three MatMuls (q, k, v) → graph outputs.
+
+    γ is ``factor`` times larger on the ``outliers`` channels (so the normalized activation
+    has outlier channels). ``shared_gamma``: γ is also read by an Add (→ output ``g``);
+    ``residual``: the LayerNorm output is also read by a residual Add (→ output ``r``)."""
+    rng = np.random.default_rng(seed)
+    gamma = rng.uniform(0.5, 1.5, d).astype(np.float32)
+    gamma[list(outliers)] *= factor
+    inits = {
+        "gamma": gamma,
+        "beta": rng.normal(0, 0.1, d).astype(np.float32),
+        "wq": rng.normal(0, 0.3, (d, n)).astype(np.float32),
+        "wk": rng.normal(0, 0.3, (d, n)).astype(np.float32),
+        "wv": rng.normal(0, 0.3, (d, n)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], axis=-1, epsilon=1e-5, name="ln"),
+        helper.make_node("MatMul", ["h", "wq"], ["q"], name="q_proj"),
+        helper.make_node("MatMul", ["h", "wk"], ["k"], name="k_proj"),
+        helper.make_node("MatMul", ["h", "wv"], ["v"], name="v_proj"),
+    ]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["B", "S", n]) for name in "qkv"]
+    if shared_gamma:
+        nodes.append(helper.make_node("Add", ["x", "gamma"], ["g"], name="gamma_reader"))
+        outputs.append(helper.make_tensor_value_info("g", TensorProto.FLOAT, ["B", "S", d]))
+    if residual:
+        nodes.append(helper.make_node("Add", ["h", "x"], ["r"], name="residual"))
+        outputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, ["B", "S", d]))
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", d])],
+                      outputs, inits)
+
+
+def rmsnorm_swiglu(d: int = 16, f: int = 32, outliers=(2, 9), up_outliers=(5, 20), factor: float = 50.0,
+                   seed: int = 0) -> onnx.ModelProto:
+    """A Llama MLP block: RMSNorm written out (Pow → ReduceMean → Add ε → Sqrt → Reciprocal →
+    Mul x, then Mul(γ, ·)) → gate and up MatMuls → silu(gate)·up (Sigmoid, Mul, Mul) → down.
+
+    γ is ``factor`` times larger on ``outliers``; up's columns ``up_outliers`` are ``factor``
+    times larger (down's input has outlier channels)."""
+    rng = np.random.default_rng(seed)
+    gamma = rng.uniform(0.5, 1.5, d).astype(np.float32)
+    gamma[list(outliers)] *= factor
+    inits = {
+        "two": np.array(2.0, np.float32),
+        "axes": np.array([-1], np.int64),
+        "eps": np.array(1e-6, np.float32),
+        "gamma": gamma,
+        "w_gate": rng.normal(0, 0.3, (d, f)).astype(np.float32),
+        "w_up": _outlier_columns(rng.normal(0, 0.3, (d, f)).astype(np.float32), up_outliers, factor),
+        "w_down": rng.normal(0, 0.3, (f, d)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Pow", ["x", "two"], ["sq"], name="pow"),
+        helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1, name="mean"),
+        helper.make_node("Add", ["ms", "eps"], ["mse"], name="add_eps"),
+        helper.make_node("Sqrt", ["mse"], ["rms"], name="sqrt"),
+        helper.make_node("Reciprocal", ["rms"], ["inv"], name="reciprocal"),
+        helper.make_node("Mul", ["x", "inv"], ["normed"], name="normalize"),
+        helper.make_node("Mul", ["gamma", "normed"], ["h"], name="rms_scale"),
+        helper.make_node("MatMul", ["h", "w_gate"], ["gate"], name="gate_proj"),
+        helper.make_node("MatMul", ["h", "w_up"], ["up"], name="up_proj"),
+        helper.make_node("Sigmoid", ["gate"], ["sig"], name="sigmoid"),
+        helper.make_node("Mul", ["gate", "sig"], ["silu"], name="silu"),
+        helper.make_node("Mul", ["silu", "up"], ["act"], name="glu"),
+        helper.make_node("MatMul", ["act", "w_down"], ["y"], name="down_proj"),
+    ]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", d])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", d])], inits)
+
+
+def attention_v_o(d: int = 16, heads: int = 2, kv_heads: int = 2, head_dim: int = 4, n: int = 8,
+                  outliers=(1, 6), factor: float = 50.0, seed: int = 0) -> onnx.ModelProto:
+    """The value path of attention: v = x·Wv + bv → Reshape [B,S,Hkv,Dh] → (grouped-query:
+    Reshape [B,S,Hkv,1,Dh] → Expand ×heads/kv_heads → Reshape [B,S,H,Dh]) → Transpose →
+    MatMul(Softmax(scores), ·) → Transpose → Reshape [B,S,H·Dh] → o_proj.
+
+    ``scores`` [B,H,S,S] is a second input. Wv's columns and bv's entries ``outliers`` are
+    ``factor`` times larger (o_proj's input has outlier channels)."""
+    rng = np.random.default_rng(seed)
+    kv = kv_heads * head_dim
+    bv = rng.normal(0, 0.1, kv).astype(np.float32)
+    bv[list(outliers)] *= factor
+    inits = {
+        "wv": _outlier_columns(rng.normal(0, 0.3, (d, kv)).astype(np.float32), outliers, factor),
+        "bv": bv,
+        "wo": rng.normal(0, 0.3, (heads * head_dim, n)).astype(np.float32),
+        "merged_shape": np.array([0, 0, heads * head_dim], np.int64),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "wv"], ["v_mm"], name="v_proj"),
+        helper.make_node("Add", ["v_mm", "bv"], ["v"], name="v_bias"),
+    ]
+    if kv_heads == heads:
+        inits["split_shape"] = np.array([0, 0, heads, head_dim], np.int64)
+        nodes.append(helper.make_node("Reshape", ["v", "split_shape"], ["v_heads"], name="v_split"))
+    else:
+        repeat = heads // kv_heads
+        inits["kv_shape"] = np.array([0, 0, kv_heads, 1, head_dim], np.int64)
+        inits["expand_shape"] = np.array([1, 1, kv_heads, repeat, head_dim], np.int64)
+        inits["split_shape"] = np.array([0, 0, heads, head_dim], np.int64)
+        nodes += [
+            helper.make_node("Reshape", ["v", "kv_shape"], ["v_kv"], name="v_split"),
+            helper.make_node("Expand", ["v_kv", "expand_shape"], ["v_rep"], name="v_repeat"),
+            helper.make_node("Reshape", ["v_rep", "split_shape"], ["v_heads"], name="v_merge_repeat"),
+        ]
+    nodes += [
+        helper.make_node("Transpose", ["v_heads"], ["v_t"], perm=[0, 2, 1, 3], name="v_transpose"),
+        helper.make_node("Softmax", ["scores"], ["probs"], axis=-1, name="softmax"),
+        helper.make_node("MatMul", ["probs", "v_t"], ["ctx"], name="attend"),
+        helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3], name="ctx_transpose"),
+        helper.make_node("Reshape", ["ctx_t", "merged_shape"], ["ctx_m"], name="ctx_merge"),
+        helper.make_node("MatMul", ["ctx_m", "wo"], ["y"], name="o_proj"),
+    ]
+    return make_model(
+        nodes,
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", d]),
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["B", heads, "S", "S"]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", n])],
+        inits,
+    )
+
+
+def relu_outliers(d: int = 16, f: int = 32, outliers=(4, 17), factor: float = 100.0, sign_weights: bool = False,
+                  scale_constant: float | None = None, seed: int = 0) -> onnx.ModelProto:
+    """x → fc1 → Relu → fc2: fc2's input comes from a Relu (no absorber) and fc1's columns
+    ``outliers`` are ``factor`` times larger (strong outlier channels).
+
+    ``sign_weights``: fc1's weight is ±127 (times ``factor`` on ``outliers``): int8 per-channel
+    quantization represents it exactly. ``scale_constant``: ``Mul(Relu(·), c)`` by a scalar Constant node
+    (not an initializer) before fc2."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(0, 0.3, (d, f)).astype(np.float32)
+    if sign_weights:
+        w1 = (127.0 * np.sign(w1)).astype(np.float32)
+    inits = {
+        "w1": _outlier_columns(w1, outliers, factor),
+        "w2": rng.normal(0, 0.3, (f, d)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+        helper.make_node("Relu", ["h"], ["a"], name="relu"),
+    ]
+    if scale_constant is not None:
+        nodes += [
+            helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.array(scale_constant, np.float32)),
+                             name="c_const"),
+            helper.make_node("Mul", ["a", "c"], ["a_scaled"], name="scale"),
+            helper.make_node("MatMul", ["a_scaled", "w2"], ["y"], name="fc2"),
+        ]
+    else:
+        nodes.append(helper.make_node("MatMul", ["a", "w2"], ["y"], name="fc2"))
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", d])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", d])], inits)
