@@ -25,6 +25,7 @@ import w8a8 as base  # noqa: E402  (bench/w8a8.py: shared evaluation and table c
 
 import models  # noqa: E402
 import models.data  # noqa: E402
+import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static  # noqa: E402
 
@@ -34,7 +35,13 @@ from qcompiler.pipeline import compile_model  # noqa: E402
 RESULTS = "smoothquant"
 
 
-def qcompile_variants(name: str) -> dict[str, W8A8Config]:
+def _lm_head(float_path: Path) -> str:
+    """The name of the MatMul producing the LM's logits (the tied LM head)."""
+    graph = onnx.load(float_path, load_external_data=False).graph
+    return next(n.name for n in graph.node if n.op_type == "MatMul" and graph.output[0].name in n.output)
+
+
+def qcompile_variants(name: str, float_path: Path) -> dict[str, W8A8Config]:
     if name == "minilm":  # no outlier channels by the auto rule: SmoothQuant asked for
         return {
             "qcompile static": W8A8Config(activations="static", smoothquant=False),
@@ -44,6 +51,8 @@ def qcompile_variants(name: str) -> dict[str, W8A8Config]:
     return {
         "qcompile per-token": W8A8Config(activations="per-token", smoothquant=False),
         "qcompile per-token + SmoothQuant": W8A8Config(activations="per-token"),
+        "qcompile per-token + SmoothQuant, LM head float": W8A8Config(
+            activations="per-token", exclude=(_lm_head(float_path),)),
         "qcompile per-token-sym + SmoothQuant": W8A8Config(activations="per-token-sym"),
         "qcompile static": W8A8Config(activations="static", smoothquant=False),
         "qcompile static + SmoothQuant": W8A8Config(activations="static"),
@@ -73,7 +82,7 @@ def _neural_compressor_missing() -> str:
 def build_variants(name: str, float_path: Path, work: Path) -> dict[str, dict]:
     calib = models.data.model_feeds(name, "calib", base.CALIB_SAMPLES[name])
     out = {"fp32": {"path": float_path, "compile_s": 0.0}}
-    for label, config in qcompile_variants(name).items():
+    for label, config in qcompile_variants(name, float_path).items():
         path = work / f"{name}.{label.replace(' ', '_').replace('=', '')}.onnx"
         result = compile_model(float_path, path, config, feeds=lambda: iter(calib), progress=False)
         out[label] = {"path": path, "compile_s": result.seconds}

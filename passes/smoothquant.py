@@ -43,6 +43,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from passes.insert_static_qdq import SMOOTHED_ACTIVATION_KEY
 from passes.select_targets import TARGET_KEY, QuantTarget, targets
 from qcompiler import ir_utils, smoothing
 from qcompiler.calibration import FeedSource, collect_stats, run_once
@@ -490,6 +491,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         for target in group.targets:
             _scale_weight(graph, target, choice.scales)
             target.node.meta[SMOOTHED_KEY] = choice.alpha
+            target.activation.meta[SMOOTHED_ACTIVATION_KEY] = choice.alpha  # ranges: min-max
         return outcome
 
 

@@ -228,3 +228,69 @@ def test_eval_on_the_wrong_task_is_one_line_and_exit_2(tmp_path, capsys):
     assert main(["eval", str(float_path), str(float_path), "--task", "lm", "--limit", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot evaluate" in err[0]
+
+
+# --- SmoothQuant ---------------------------------------------------------------------------
+
+
+def _smooth_float(name: str, feeds: list[dict]):
+    """The float model with SmoothQuant folded in (no quantization) and the pass."""
+    from passes.canonicalize import CanonicalizePass
+    from passes.select_targets import SelectTargetsPass
+    from passes.smoothquant import SmoothQuantPass
+    from qcompiler import ir_utils
+
+    model = ir_utils.load_model(models.export(name).onnx_path)
+    CanonicalizePass()(model)
+    SelectTargetsPass(("MatMul", "Gemm"))(model)
+    sq = SmoothQuantPass(lambda: iter(feeds), "static", enabled=True, progress=False)
+    assert sq(model).modified
+    return model, sq
+
+
+@pytest.mark.parametrize("name", ["minilm", "smollm2"])
+def test_smoothed_float_model_equals_the_original(name, tmp_path):
+    """Folding diag(s)⁻¹ into norms/linears and diag(s) into weights changes no output (1e-4)."""
+    import onnx_ir as ir
+    from runtime.session import create_session
+
+    if name == "smollm2":  # short windows keep the test quick; smoothing does not depend on length
+        feeds = [{"input_ids": w[:, :96]} for w in models.data.lm_windows(models.load_tokenizer(name), "calib", 4)]
+        evals = [{"input_ids": w[:, :80]} for w in models.data.lm_windows(models.load_tokenizer(name), "eval", 2)]
+    else:
+        feeds, evals = models.data.model_feeds(name, "calib", 16), models.data.model_feeds(name, "eval", 8)
+    model, sq = _smooth_float(name, feeds)
+    absorbers = [d["absorber"] or "" for d in sq.decisions if d["alpha"] is not None]
+    if name == "smollm2":  # every group folds exactly: RMSNorm γ, up_proj (SwiGLU), v_proj (GQA)
+        assert not any(a == "explicit Mul" for a in absorbers)
+        assert sum(a == "RMSNorm" for a in absorbers) >= 50
+        assert sum("Expand" in a for a in absorbers) >= 20 and sum("(through Mul)" in a for a in absorbers) >= 20
+    else:  # post-LN BERT: the LayerNorm output also feeds the residual, o_proj folds into v_proj
+        assert sum("linear" in a for a in absorbers) >= 3
+    path = tmp_path / f"{name}.smoothed.onnx"
+    ir.save(model, path, external_data=path.name + ".data")
+    original, smoothed = create_session(models.export(name).onnx_path), create_session(path)
+    for feed in evals:
+        want, got = original.run(None, feed)[0], smoothed.run(None, feed)[0]
+        assert np.abs(want - got).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_minilm_static_smoothquant(minilm, minilm_calib, tmp_path):
+    out = tmp_path / "minilm.sq.onnx"
+    _compile([minilm, "--w8a8", "--calib-data", minilm_calib, "--smoothquant", "-o", out])
+    _check_output(minilm, out)
+    decisions = json.loads({p.key: p.value for p in onnx.load(out).metadata_props}["qcompile.smoothquant"])
+    assert sum(d["alpha"] is not None for d in decisions) >= 12
+    result = _eval(minilm, out, "embedding", tmp_path)
+    assert result["metrics"]["mean cosine (unpadded)"] >= 0.995
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme, bound", [("per-token", 1.01), ("static", 1.05)])
+def test_smollm2_smoothquant_perplexity(scheme, bound, tmp_path):
+    float_path = models.export("smollm2").onnx_path
+    calib = models.data.save_feeds_npz(models.data.model_feeds("smollm2", "calib", 16), tmp_path / "calib")
+    out = tmp_path / f"smollm2.{scheme}.sq.onnx"
+    _compile([float_path, "--w8a8", "--activations", scheme, "--calib-data", calib, "-o", out])
+    result = _eval(float_path, out, "lm", tmp_path, "--limit", "16")
+    assert result["metrics"]["perplexity ratio"] <= bound
