@@ -61,10 +61,10 @@ def qcompile_variants(name: str, float_path: Path) -> dict[str, W8A8Config]:
     }
 
 
-def _ort_static(float_path: Path, calib: list[dict], smooth: bool):
+def _ort_static(float_path: str, calib: list[dict], smooth: bool):
     options = {"SmoothQuant": True, "SmoothQuantAlpha": 0.5} if smooth else {}
 
-    def run(path: Path) -> None:
+    def run(path: str) -> None:
         quantize_static(float_path, path, base._Reader(calib), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, extra_options=options)
@@ -96,7 +96,7 @@ def build_variants(name: str, float_path: Path, work: Path) -> dict[str, dict]:
             continue
         start = time.perf_counter()
         try:
-            _ort_static(float_path, ort_calib, smooth)(path)
+            _ort_static(str(float_path), ort_calib, smooth)(str(path))
         except Exception as exc:  # the baseline tool's own failure is a result too
             out[label] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
             continue
