@@ -225,8 +225,11 @@ def test_auto_mode_leaves_even_activations_alone():
 
 def test_auto_mode_smooths_outlier_channels():
     proto = graphs.rmsnorm_swiglu()
-    _, sq, result = _smooth(proto, enabled=None)
+    model, sq, result = _smooth(proto, enabled=None)
     assert result.modified and "outlier ratio" in sq.summary
+    applied = [d for d in sq.decisions if d["alpha"] is not None]
+    assert applied and all(d["error"] < d["unsmoothed_error"] for d in applied)
+    _assert_same_function(proto, model)
 
 
 def test_second_run_changes_nothing():
