@@ -369,6 +369,19 @@ def measure_channel_maps(model: ir.Model, producers: list[tuple[LinearProducer, 
     return refusals
 
 
+def resolve_linear_absorbers(model: ir.Model, found: list[Group], feed) -> None:
+    """Measure π for the groups whose absorber is a linear layer; a group whose path turns out
+    not to be channel-wise loses its absorber (with the reason as its refusal)."""
+    linear = [(g.absorber, g.activation) for g in found if isinstance(g.absorber, LinearProducer)]
+    if not linear:
+        return
+    refusals = measure_channel_maps(model, linear, feed)
+    for group in found:
+        if isinstance(group.absorber, LinearProducer) and group.absorber.tied is None:
+            group.refusal = refusals[[p for p, _ in linear].index(group.absorber)]
+            group.absorber = None
+
+
 def _clone_path(graph: ir.Graph, producer: LinearProducer, probe: np.ndarray, added: list[ir.Node]) -> ir.Value:
     """A copy of the path from ``U`` to ``X`` that reads ``probe`` broadcast to ``U``'s shape."""
     stem = ir_utils.unique_name(graph, f"{producer.node.name}.probe", "node")
@@ -447,7 +460,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         if self.enabled is None and worst < OUTLIER_RATIO:
             self.summary = f"no outlier channels (largest max/median {worst:.1f} < {OUTLIER_RATIO:g}): not applied"
             return ir.passes.PassResult(model, modified=False)
-        self._measure_paths(model, found)
+        resolve_linear_absorbers(model, found, next(iter(self.feeds())))
         outcomes: collections.Counter = collections.Counter()
         for group in found:
             outcome = self._smooth(model.graph, group, stats[group.activation.name])
@@ -455,17 +468,6 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         self.summary = f"outlier ratio up to {worst:.0f}; " + ", ".join(
             f"{n} {outcome}" for outcome, n in sorted(outcomes.items()))
         return ir.passes.PassResult(model, modified=any(d["alpha"] is not None for d in self.decisions))
-
-    def _measure_paths(self, model: ir.Model, found: list[Group]) -> None:
-        linear = [(g.absorber, g.activation) for g in found if isinstance(g.absorber, LinearProducer)]
-        if not linear:
-            return
-        feed = next(iter(self.feeds()))
-        refusals = measure_channel_maps(model, linear, feed)
-        for group in found:
-            if isinstance(group.absorber, LinearProducer) and group.absorber.tied is None:
-                group.refusal = refusals[[p for p, _ in linear].index(group.absorber)]
-                group.absorber = None
 
     def _smooth(self, graph: ir.Graph, group: Group, stats) -> str:
         channels = smoothing.ChannelRange(stats.channel_min, stats.channel_max)
@@ -489,13 +491,13 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             outcome = "explicit Mul"
             decision["absorber"] = "explicit Mul"
         for target in group.targets:
-            _scale_weight(graph, target, choice.scales)
+            scale_weight(graph, target, choice.scales)
             target.node.meta[SMOOTHED_KEY] = choice.alpha
             target.activation.meta[SMOOTHED_ACTIVATION_KEY] = choice.alpha  # ranges: min-max
         return outcome
 
 
-def _scale_weight(graph: ir.Graph, target: QuantTarget, s: np.ndarray) -> None:
+def scale_weight(graph: ir.Graph, target: QuantTarget, s: np.ndarray) -> None:
     """Row ``j`` of the weight (as ``[K, N]``) times ``s_j``; a private copy unless owned."""
     shape = (-1, 1) if target.channel_axis == 1 else (1, -1)
     scaled = (target.weight * s.reshape(shape)).astype(target.weight.dtype)

@@ -16,7 +16,14 @@ from pathlib import Path
 import click
 
 from qcompiler import __version__, calib_data
-from qcompiler.config import ACTIVATION_SCHEMES, TARGETS, CalibrationConfig, W8A8Config
+from qcompiler.config import (
+    ACTIVATION_SCHEMES,
+    TARGETS,
+    WEIGHT_ONLY_METHODS,
+    CalibrationConfig,
+    W8A8Config,
+    WeightOnlyConfig,
+)
 from qcompiler.errors import QCompileError, VerificationError, first_line
 from qcompiler.ranges import CALIBRATION_METHODS
 
@@ -48,8 +55,13 @@ def cli() -> None:
 
 def _recipe_options(f):
     options = [
-        click.option("--w8a8", "recipe", flag_value="w8a8", required=True,
+        click.option("--w8a8", "recipe", flag_value="w8a8",
                      help="int8 per-channel weights, 8-bit activations."),
+        click.option("--w4a16", "recipe", flag_value="w4a16",
+                     help="4-bit weights in groups of 128 (LM head 8-bit), float activations (GPTQ with "
+                          "calibration data, else round-to-nearest)."),
+        click.option("--w8a16", "recipe", flag_value="w8a16",
+                     help="int8 per-channel weights, float activations."),
         click.option("--activations", type=click.Choice(ACTIVATION_SCHEMES),
                      help="static (calibrated, per tensor) | dynamic (per tensor) | per-token. "
                           "Default: static with calibration data, per-token-sym without."),
@@ -80,6 +92,25 @@ def _recipe_options(f):
                           "outlier channels."),
         click.option("--smoothquant-alpha", type=click.FloatRange(0.0, 1.0),
                      help="Fix SmoothQuant's migration strength α (default: searched per layer)."),
+        click.option("--method", type=click.Choice(WEIGHT_ONLY_METHODS),
+                     help="Weight-only: rtn | gptq | awq | kmeans (default: gptq with "
+                          "calibration data, else rtn)."),
+        click.option("--bits", type=click.Choice(["2", "3", "4", "8"]),
+                     help="Weight-only: bits per weight (default: the recipe's)."),
+        click.option("--group-size", type=click.IntRange(min=0),
+                     help="Weight-only: input channels per scale (default 128 for --w4a16; "
+                          "omitted with --bits/--w8a16: per channel; 0: one k-means codebook "
+                          "per tensor)."),
+        click.option("--symmetric/--asymmetric", default=None,
+                     help="Weight-only: signed weights without zero point (default: asymmetric)."),
+        click.option("--act-order", is_flag=True,
+                     help="GPTQ: quantize input channels by decreasing Hessian diagonal."),
+        click.option("--lm-head-bits", type=click.Choice(["2", "3", "4", "8", "same"]),
+                     help="Weight-only: bits of the MatMul producing the logits (default 8, "
+                          "per channel; same: as --bits)."),
+        click.option("--keep-grid/--no-keep-grid", default=True, show_default=True,
+                     help="Weight-only: keep weights that already lie on a low-bit grid (GGUF, "
+                          "QAT) exactly on it."),
         click.option("--target", type=click.Choice(TARGETS), default="ort-cpu",
                      show_default=True,
                      help="ort-cpu: ONNX Runtime's integer kernels (QLinearConv, "
@@ -91,9 +122,60 @@ def _recipe_options(f):
     return f
 
 
-def _config(activations, calibration, calib_method, percentile, max_calib_samples, exclude,
-            keep_embeddings_float=False, float_residuals=False, target="ort-cpu",
-            smoothquant=None, smoothquant_alpha=None):
+WEIGHT_ONLY_OPTIONS = ("method", "bits", "group_size", "symmetric", "act_order", "lm_head_bits")
+W8A8_OPTIONS = ("activations", "float_residuals", "smoothquant", "smoothquant_alpha")
+
+
+def _config(recipe, calibration, options: dict):
+    """The recipe's config from the command-line options (bad combinations → QCompileError)."""
+    if recipe is None:
+        raise QCompileError("choose a recipe: --w8a8, --w4a16 or --w8a16")
+    calib = CalibrationConfig(options["calib_method"], options["percentile"], options["max_calib_samples"])
+    if recipe in ("w4a16", "w8a16"):
+        return _weight_only_config(recipe, calibration, calib, options)
+    given = [name for name in WEIGHT_ONLY_OPTIONS if options.get(name) not in (None, False)]
+    if given:
+        raise QCompileError(f"--{given[0].replace('_', '-')} applies to --w4a16/--w8a16, not --w8a8")
+    return _w8a8_config(calibration, calib, options)
+
+
+def _weight_only_config(recipe, calibration, calib, options):
+    given = [name for name in W8A8_OPTIONS if options.get(name) not in (None, False)]
+    if given:
+        raise QCompileError(f"--{given[0].replace('_', '-')} applies to --w8a8 (weight-only keeps float activations)")
+    bits = int(options["bits"]) if options["bits"] else (4 if recipe == "w4a16" else 8)
+    group_size = options["group_size"]
+    method = options["method"] or ("auto" if recipe == "w4a16" else "rtn")
+    if group_size is None and recipe == "w4a16" and not options["bits"] and method != "kmeans":
+        group_size = 128
+    config = WeightOnlyConfig(
+        bits=bits,
+        group_size=group_size,
+        symmetric=bool(options["symmetric"]),
+        method=method,
+        act_order=options["act_order"],
+        keep_grid=options["keep_grid"],
+        lm_head_bits=_head_bits(options["lm_head_bits"]),
+        calibration=calib,
+        exclude=tuple(options["exclude"]),
+        quantize_embeddings=not options["keep_embeddings_float"],
+        target=options["target"],
+    )
+    if config.act_order and calibration is None:
+        raise QCompileError("--act-order is a GPTQ option: pass --calib-data or --calib-text")
+    if config.needs_calibration and calibration is None:
+        raise QCompileError(f"--method {config.method} measures activations: pass --calib-data or --calib-text")
+    return config
+
+
+def _head_bits(option: str | None) -> int | None:
+    if option is None:
+        return WeightOnlyConfig.lm_head_bits
+    return None if option == "same" else int(option)
+
+
+def _w8a8_config(calibration, calib, options):
+    activations, target = options["activations"], options["target"]
     if activations is None:
         static = calibration is not None or target != "ort-cpu"
         activations = "static" if static else "per-token-sym"
@@ -104,13 +186,13 @@ def _config(activations, calibration, calib_method, percentile, max_calib_sample
         )
     config = W8A8Config(
         activations=activations,
-        calibration=CalibrationConfig(calib_method, percentile, max_calib_samples),
-        exclude=tuple(exclude),
-        quantize_embeddings=not keep_embeddings_float,
+        calibration=calib,
+        exclude=tuple(options["exclude"]),
+        quantize_embeddings=not options["keep_embeddings_float"],
         target=target,
-        float_residuals=float_residuals,
-        smoothquant=smoothquant,
-        smoothquant_alpha=smoothquant_alpha,
+        float_residuals=options["float_residuals"],
+        smoothquant=options["smoothquant"],
+        smoothquant_alpha=options["smoothquant_alpha"],
     )
     if config.smoothquant_on and calibration is None:
         raise QCompileError("--smoothquant measures activations: pass --calib-data or --calib-text")
@@ -135,18 +217,14 @@ def _calibration(calib_data_path, calib_text, tokenizer, seq_len):
                    "calibration samples; print per-output error; exit 1 when the lowering "
                    "moved an output by more than one quantization step.")
 @click.option("--quiet", is_flag=True, help="No progress bars or pass summary.")
-def compile_command(model, output, recipe, activations, calib_data, calib_text, tokenizer,
-                    seq_len, calib_method, percentile, max_calib_samples, exclude,
-                    keep_embeddings_float, float_residuals, smoothquant, smoothquant_alpha,
-                    target, verify_samples, quiet):
+def compile_command(model, output, recipe, calib_data, calib_text, tokenizer, seq_len,
+                    verify_samples, quiet, **options):
     """Quantize MODEL."""
     from qcompiler import verify
     from qcompiler.pipeline import compile_model
 
     calibration = _calibration(calib_data, calib_text, tokenizer, seq_len)
-    config = _config(activations, calibration, calib_method, percentile, max_calib_samples,
-                     exclude, keep_embeddings_float, float_residuals, target, smoothquant,
-                     smoothquant_alpha)
+    config = _config(recipe, calibration, options)
     output = output or model.with_name(f"{model.stem}.{recipe}.onnx")
     result = compile_model(model, output, config, calibration=calibration, progress=not quiet,
                            verify_samples=verify_samples)
@@ -155,10 +233,10 @@ def compile_command(model, output, recipe, activations, calib_data, calib_text, 
             click.echo(f"  {report.name:<30} {report.seconds:7.2f}s  {report.summary()}", err=True)
     click.echo(
         f"wrote {result.output} ({result.input_bytes / 1e6:.1f} MB → "
-        f"{result.output_bytes / 1e6:.1f} MB, {config.activations} activations, "
+        f"{result.output_bytes / 1e6:.1f} MB, {config.describe()}, "
         f"target {config.target}, {result.seconds:.1f}s)"
     )
-    if config.target == "ort-cuda":
+    if config.target == "ort-cuda" and isinstance(config, W8A8Config):
         click.echo("  note: ONNX Runtime's CUDA provider runs DequantizeLinear → MatMul no faster "
                    "than fp16 (measured on an H100): this output saves memory, not time, until "
                    "qcompile's CUDA kernels land", err=True)
@@ -171,17 +249,13 @@ def compile_command(model, output, recipe, activations, calib_data, calib_text, 
 @cli.command("plan")
 @click.argument("model", type=click.Path(path_type=Path))
 @_recipe_options
-def plan_command(model, recipe, activations, calib_data, calib_text, tokenizer, seq_len,
-                 calib_method, percentile, max_calib_samples, exclude, keep_embeddings_float,
-                 float_residuals, smoothquant, smoothquant_alpha, target):
+def plan_command(model, recipe, calib_data, calib_text, tokenizer, seq_len, **options):
     """Print the passes a compile would run and what each would change; write nothing."""
     from qcompiler.pipeline import plan
 
     calibration = _calibration(calib_data, calib_text, tokenizer, seq_len)
-    config = _config(activations, calibration, calib_method, percentile, max_calib_samples,
-                     exclude, keep_embeddings_float, float_residuals, target, smoothquant,
-                     smoothquant_alpha)
-    click.echo(f"{model}: {recipe}, {config.activations} activations, target {config.target}")
+    config = _config(recipe, calibration, options)
+    click.echo(f"{model}: {recipe}, {config.describe()}, target {config.target}")
     for report in plan(model, config):
         click.echo(f"  {report.name:<30} {report.summary()}")
 

@@ -113,6 +113,9 @@ class W8A8Config:
         if unknown:
             raise QCompileError(f"cannot quantize op types {sorted(unknown)}")
 
+    def describe(self) -> str:
+        return f"{self.activations} activations"
+
     @property
     def placement(self) -> str:
         """Q/DQ placement rules (``passes.activation_points``)."""
@@ -134,4 +137,89 @@ class W8A8Config:
         return dataclasses.asdict(self)
 
 
-RECIPES: dict[str, type] = {"w8a8": W8A8Config}
+WEIGHT_ONLY_METHODS: tuple[str, ...] = ("auto", "rtn", "gptq", "awq", "kmeans")
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightOnlyConfig:
+    """Low-bit weights, float activations (``--w4a16``, ``--w8a16``): for memory-bound models.
+
+    ``bits``: 2, 3, 4 or 8. ``group_size``: input channels per scale (None: per output
+    channel). ``symmetric``: signed integers and no zero point (default: asymmetric, unsigned
+    with a zero point per group). ``method``: ``rtn`` (round to nearest), ``gptq`` (Hessian-
+    aware rounding, calibrated, layers in order), ``awq`` (activation-aware scales and
+    clipping, calibrated), ``kmeans`` (a codebook of ``2^bits`` values per output channel, or
+    per tensor with ``group_size=0``), ``auto`` (``gptq`` with calibration data, else ``rtn``).
+    ``act_order``: GPTQ processes input channels by decreasing Hessian diagonal.
+    ``keep_grid``: a weight whose values already lie on a low-bit grid (a GGUF/QAT checkpoint)
+    keeps exactly that grid instead of being re-quantized.
+    ``quantize_embeddings``: embedding tables (Gather) as int8 per row.
+    ``lm_head_bits``: the bits of the MatMul that produces the logits (a graph output; in small
+    LMs the table tied to the embedding): 8 by default, per channel, round to nearest, as
+    llama.cpp keeps its output tensor at 6–8 bits: it is the most sensitive weight (SmolLM2,
+    4-bit g128 RTN: perplexity ×1.29 with it in float, ×1.61 with it at 4 bits). None: as
+    ``bits``.
+    ``target``: ``ort-cpu``/``ort-cuda`` emit ONNX Runtime's ``MatMulNBits``; ``qdq`` standard
+    blocked ``DequantizeLinear`` (opset 21, INT4/UINT4).
+    """
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = False
+    method: str = "auto"
+    act_order: bool = False
+    keep_grid: bool = True
+    damp: float = 0.01
+    calibration: CalibrationConfig = CalibrationConfig()
+    exclude: tuple[str, ...] = ()
+    quantize_embeddings: bool = True
+    lm_head_bits: int | None = 8
+    target: str = "ort-cpu"
+    op_types: tuple[str, ...] = ("MatMul",)
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 3, 4, 8):
+            raise QCompileError(f"--bits must be 2, 3, 4 or 8, got {self.bits}")
+        if self.lm_head_bits not in (None, 2, 3, 4, 8):
+            raise QCompileError(f"--lm-head-bits must be 2, 3, 4 or 8, got {self.lm_head_bits}")
+        if self.method not in WEIGHT_ONLY_METHODS:
+            raise QCompileError(
+                f"unknown method {self.method!r}; choose one of " + ", ".join(WEIGHT_ONLY_METHODS))
+        if self.group_size is not None and self.group_size < 0:
+            raise QCompileError(f"--group-size must be positive, got {self.group_size}")
+        if self.group_size == 0 and self.method != "kmeans":
+            raise QCompileError("--group-size 0 (one codebook per tensor) applies to --method kmeans")
+        if self.method == "kmeans" and self.group_size not in (None, 0):
+            raise QCompileError("--method kmeans keeps one codebook per output channel (or per tensor "
+                                f"with --group-size 0), not groups of {self.group_size}")
+        if self.target not in TARGETS:
+            raise QCompileError(f"unknown target {self.target!r}; choose one of " + ", ".join(TARGETS))
+        if self.act_order and self.method not in ("gptq", "auto"):
+            raise QCompileError("--act-order applies to --method gptq")
+        if not 0.0 < self.damp < 1.0:
+            raise QCompileError(f"GPTQ dampening must be in (0, 1), got {self.damp}")
+
+    @property
+    def name(self) -> str:
+        return f"w{self.bits}a16"
+
+    def describe(self) -> str:
+        groups = "per channel" if self.group_size is None else (
+            "one codebook per tensor" if self.group_size == 0 else f"groups of {self.group_size}")
+        return f"{self.bits}-bit weights ({self.method}, {groups}), float activations"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method in ("gptq", "awq")
+
+    def resolved_method(self, have_calibration: bool) -> str:
+        """``auto`` → ``gptq`` when calibration data is given, ``rtn`` otherwise."""
+        if self.method != "auto":
+            return self.method
+        return "gptq" if have_calibration else "rtn"
+
+    def flags(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+RECIPES: dict[str, type] = {"w8a8": W8A8Config, "w4a16": WeightOnlyConfig, "w8a16": WeightOnlyConfig}

@@ -26,6 +26,19 @@ That is the QDQ model (``--target qdq``: done). ``--target ort-cpu`` then lowers
                             MatMulIntegerToFloat with −z_x·ΣW^q folded into the bias
     clean up
 
+Weight-only (``weight_only_passes``: ``--w4a16``, ``--w8a16``)::
+
+    canonicalize, select targets (MatMul only)
+    keep grid               weights already on a low-bit grid (GGUF, QAT) keep it exactly
+    awq                     --method awq: per-channel scales folded into norms/linears,
+                            clipping searched, then round to nearest
+    quantize weight-only    rtn | gptq (layers in order on the partly quantized model's
+                            activations) | kmeans: a PackedWeight per MatMul
+    quantize embeddings     large Gather tables as int8 rows
+    emit                    ort-cpu/ort-cuda: com.microsoft MatMulNBits; qdq: opset-21
+                            blocked DequantizeLinear with INT4/UINT4 weights
+    clean up
+
 Every pass runs inside ``Measured``, which records what it changed (op types added/removed,
 time); ``plan`` runs the same list on an in-memory copy with placeholder statistics in place of
 calibration and writes nothing.
@@ -44,23 +57,28 @@ import numpy as np
 import onnx_ir as ir
 
 import qcompiler
+from passes.awq import AWQPass
 from passes.bias_correction import BiasCorrectionPass
 from passes.calibrate import STATS_KEY, CalibratePass, activations_to_observe
 from passes.canonicalize import CanonicalizePass
 from passes.cleanup import CleanupPass
 from passes.dynamic_activations import LowerDynamicActivationsPass
 from passes.insert_static_qdq import InsertStaticQDQPass
+from passes.emit_dequantize_linear import EmitDequantizeLinearPass
+from passes.emit_matmulnbits import EmitMatMulNBitsPass
 from passes.integer_ops import FuseIntegerOpsPass
+from passes.keep_grid import KeepGridPass
 from passes.move_qdq import MoveQDQPass
 from passes.precompute_bias import PrecomputeBiasPass
 from passes.quantize_embeddings import QuantizeEmbeddingsPass
+from passes.quantize_weight_only import QuantizeWeightOnlyPass, weight_format
 from passes.quantize_weights import QuantizeWeightsPass
 from passes.select_targets import SelectTargetsPass, targets
 from passes.smoothquant import SmoothQuantPass, groups
 from qcompiler import ir_utils, verify
 from qcompiler.calib_data import CalibrationInput
 from qcompiler.calibration import FeedSource
-from qcompiler.config import W8A8Config
+from qcompiler.config import W8A8Config, WeightOnlyConfig
 from qcompiler.errors import QCompileError
 from qcompiler.ranges import TensorStats
 
@@ -72,8 +90,39 @@ def w8a8_passes(
     return qdq_passes(config, feeds, progress) + lowering_passes(config)
 
 
-def lowering_passes(config: W8A8Config) -> list[ir.passes.PassBase]:
+def weight_only_passes(
+    config: WeightOnlyConfig, feeds: FeedSource | None, progress: bool = True
+) -> list[ir.passes.PassBase]:
+    """Low-bit weights, float activations, emitted for the target."""
+    method = config.resolved_method(feeds is not None)
+    passes: list[ir.passes.PassBase] = [
+        CanonicalizePass(),
+        SelectTargetsPass(config.op_types, config.exclude),
+    ]
+    if config.keep_grid:
+        # Before any method: a weight on a grid must not be rescaled or re-rounded.
+        passes.append(KeepGridPass(config.bits))
+    if method == "awq":
+        passes.append(AWQPass(feeds, weight_format(config), config.calibration, progress, config.lm_head_bits))
+    passes.append(QuantizeWeightOnlyPass(config, method, feeds, progress))
+    if config.quantize_embeddings:
+        passes.append(QuantizeEmbeddingsPass())
+    passes.append(EmitDequantizeLinearPass() if config.target == "qdq" else EmitMatMulNBitsPass())
+    passes.append(CleanupPass())
+    return passes
+
+
+def quantization_passes(config, feeds: FeedSource | None, progress: bool = True) -> list[ir.passes.PassBase]:
+    """The recipe's passes up to (and for weight-only, including) emission."""
+    if isinstance(config, WeightOnlyConfig):
+        return weight_only_passes(config, feeds, progress)
+    return qdq_passes(config, feeds, progress)
+
+
+def lowering_passes(config: W8A8Config | WeightOnlyConfig) -> list[ir.passes.PassBase]:
     """From the QDQ model to the target's kernels (nothing for ``qdq`` and ``ort-cuda``)."""
+    if isinstance(config, WeightOnlyConfig):
+        return []  # emitted for the target directly
     if config.target != "ort-cpu" or config.activations != "static":
         return []  # the dynamic schemes are lowered as they are inserted
     return [
@@ -242,7 +291,7 @@ def compile_model(
         feeds, digest = calibration.source(model), calibration.digest()
     if verify_samples and feeds is None:
         raise QCompileError("--verify runs calibration samples: pass --calib-data or --calib-text")
-    passes = qdq_passes(config, feeds, progress)
+    passes = quantization_passes(config, feeds, progress)
     reports = run_passes(model, passes)
     lowering = lowering_passes(config)
     qdq = verify.snapshot(model) if verify_samples and lowering else None
@@ -251,6 +300,8 @@ def compile_model(
     for p in passes:
         if isinstance(p, SmoothQuantPass) and p.decisions:
             model.metadata_props["qcompile.smoothquant"] = json.dumps(p.decisions)
+        if isinstance(p, KeepGridPass):
+            model.metadata_props["qcompile.kept_grid"] = json.dumps(p.kept)
     ir_utils.save_model(model, output_path)
     seconds = time.perf_counter() - start
     verification = None
@@ -267,9 +318,13 @@ def compile_model(
     )
 
 
-def plan(model_path: str | Path, config: W8A8Config) -> list[PassReport]:
-    """The passes a compile would run and what each would change; writes nothing."""
+def plan(model_path: str | Path, config: W8A8Config | WeightOnlyConfig) -> list[PassReport]:
+    """The passes a compile would run and what each would change; writes nothing.
+    (Weight-only: calibrated methods are previewed by round to nearest.)"""
     model = ir_utils.load_model(model_path)
+    if isinstance(config, WeightOnlyConfig):
+        preview = dataclasses.replace(config, method="rtn", act_order=False)
+        return run_passes(model, weight_only_passes(preview, feeds=None, progress=False))
     passes = w8a8_passes(config, feeds=lambda: (), progress=False)
     replacements = {CalibratePass: lambda p: PlanCalibratePass(config.placement),
                     SmoothQuantPass: lambda p: PlanSmoothQuantPass()}

@@ -219,6 +219,38 @@ def quantize_tensor(
     return QuantizedTensor(quantize(x, scale, zero_point, qtype, block), scale, zero_point, block)
 
 
+@dataclasses.dataclass(frozen=True)
+class WeightFormat:
+    """How a weight-only layer stores its weight ``W: [K, N]`` (``y = x W``): ``bits``-bit
+    integers in groups of ``group_size`` consecutive input channels (rows of ``W``) per output
+    channel, or one group per output channel (``group_size=None``: per-channel). ``symmetric``:
+    signed integers, ``z = 0``, ``s = max|w|/q_max``; otherwise unsigned with an integer zero
+    point (``affine_params``). In block-size terms: ``block = (group_size or K, 1)``."""
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        IntType(self.bits, self.symmetric)  # validates bits
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group size must be positive, got {self.group_size}")
+
+    @property
+    def qtype(self) -> IntType:
+        return IntType(self.bits, signed=self.symmetric)
+
+    def granularity(self) -> PerGroup | PerAxis:
+        return PerAxis(1) if self.group_size is None else PerGroup(self.group_size, axis=0)
+
+    def block(self, shape: Sequence[int]) -> tuple[int, ...]:
+        return self.granularity().block_size(shape)
+
+    def quantize(self, w: np.ndarray) -> QuantizedTensor:
+        """Round-to-nearest (RTN) of ``W: [K, N]``."""
+        return quantize_tensor(np.asarray(w, np.float32), self.granularity(), self.qtype, self.symmetric)
+
+
 # --- integer linear ops (seed 004: "Linear Operations Can Cheaply Deal with Scales") -------
 #
 # With symmetric weights (z_w = 0) a linear layer y = W x + b on quantized operands is
