@@ -294,3 +294,49 @@ def test_smollm2_smoothquant_perplexity(scheme, bound, tmp_path):
     _compile([float_path, "--w8a8", "--activations", scheme, "--calib-data", calib, "-o", out])
     result = _eval(float_path, out, "lm", tmp_path, "--limit", "16")
     assert result["metrics"]["perplexity ratio"] <= bound
+
+
+# --- weight-only ---------------------------------------------------------------------------------
+
+
+def test_smollm2_w4a16_keeps_its_gguf_grid(tmp_path):
+    """SmolLM2's weights are GGUF Q4_1 (and Q8_0 for the tied embedding/LM head): kept on
+    their grids, 4-bit weights cost no perplexity."""
+    float_path = models.export("smollm2").onnx_path
+    out = tmp_path / "smollm2.w4a16.onnx"
+    _compile([float_path, "--w4a16", "-o", out])
+    _check_output(float_path, out)
+    kept = json.loads({p.key: p.value for p in onnx.load(out, load_external_data=False).metadata_props}["qcompile.kept_grid"])
+    assert sorted(set(kept.values())) == ["4-bit, blocks of 32", "8-bit, blocks of 32"]
+    assert list(kept.values()).count("4-bit, blocks of 32") == 210
+    result = _eval(float_path, out, "lm", tmp_path, "--limit", "4")
+    assert result["metrics"]["perplexity ratio"] <= 1.001
+    assert result["quant_bytes"] <= 0.3 * result["float_bytes"]
+
+
+def test_minilm_w4a16_gptq(minilm, minilm_calib, tmp_path):
+    out = tmp_path / "minilm.w4a16.onnx"
+    _compile([minilm, "--w4a16", "--calib-data", minilm_calib, "--max-calib-samples", "64", "-o", out])
+    _check_output(minilm, out)
+    result = _eval(minilm, out, "embedding", tmp_path, "--limit", str(EVAL_SENTENCES))
+    assert result["metrics"]["mean cosine (unpadded)"] >= 0.98
+
+
+@pytest.mark.slow
+def test_smollm2_w8a16_rtn_perplexity(tmp_path):
+    float_path = models.export("smollm2").onnx_path
+    out = tmp_path / "smollm2.w8a16.onnx"
+    _compile([float_path, "--w8a16", "--no-keep-grid", "-o", out])
+    result = _eval(float_path, out, "lm", tmp_path, "--limit", "16")
+    assert result["metrics"]["perplexity ratio"] <= 1.005
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="issue 6 bar not met yet: GPTQ g128 ×1.30 (RTN ×1.29)")
+def test_smollm2_w4a16_g128_requantized_perplexity(tmp_path):
+    float_path = models.export("smollm2").onnx_path
+    calib = models.data.save_feeds_npz(models.data.model_feeds("smollm2", "calib", 16), tmp_path / "calib")
+    out = tmp_path / "smollm2.w4a16.g128.onnx"
+    _compile([float_path, "--w4a16", "--no-keep-grid", "--calib-data", calib, "-o", out])
+    result = _eval(float_path, out, "lm", tmp_path, "--limit", "16")
+    assert result["metrics"]["perplexity ratio"] <= 1.15
