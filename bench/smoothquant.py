@@ -12,10 +12,6 @@ which pins numpy < 2: it runs only when ``neural_compressor`` imports (see
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,7 +22,6 @@ import w8a8 as base  # noqa: E402  (bench/w8a8.py: shared evaluation and table c
 import models  # noqa: E402
 import models.data  # noqa: E402
 import onnx  # noqa: E402
-import onnxruntime as ort  # noqa: E402
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static  # noqa: E402
 
 from qcompiler.config import CalibrationConfig, W8A8Config  # noqa: E402
@@ -105,26 +100,7 @@ def build_variants(name: str, float_path: Path, work: Path) -> dict[str, dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["smollm2", "minilm"])
-    parser.add_argument("--work", type=Path, default=base.ROOT / "out" / "bench")
-    parser.add_argument("--results", type=Path, default=base.ROOT / "bench" / "results")
-    args = parser.parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
-    args.results.mkdir(parents=True, exist_ok=True)
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-               f"ONNX Runtime {ort.__version__} CPU, {base.THREADS} threads")
-    rows = []
-    for name in args.models:
-        print(f"[{name}] compiling", flush=True)
-        variants = build_variants(name, models.export(name).onnx_path, args.work)
-        print(f"[{name}] evaluating", flush=True)
-        rows += base.evaluate_variants(name, variants)
-        table = base.markdown(rows, machine)
-        (args.results / f"{RESULTS}.json").write_text(
-            json.dumps({"machine": machine, "rows": rows}, indent=2, default=float))
-        (args.results / f"{RESULTS}.md").write_text(table + "\n")
-    print(table)
+    base.run(__doc__.splitlines()[0], ["smollm2", "minilm"], build_variants, RESULTS)
 
 
 if __name__ == "__main__":

@@ -114,6 +114,8 @@ def evaluate_variants(name: str, variants: dict[str, dict]) -> list[dict]:
                "compile_s": round(v["compile_s"], 1)}
         if "lowering steps" in v:
             row["lowering steps"] = v["lowering steps"]
+        if "peak GB" in v:
+            row["compile peak GB"] = round(v["peak GB"], 2)
         if task == "embedding":
             row.update(evaluate.embedding_metrics(sessions["fp32"], sessions[label], data.feeds, data.padded))
         elif task == "lm":
@@ -185,30 +187,42 @@ def markdown(rows: list[dict], machine: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["minilm", "mobilenetv2", "smollm2"])
+def machine() -> str:
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"ONNX Runtime {ort.__version__} CPU, {THREADS} threads")
+
+
+def run(description: str, default_models: list[str], build, results: str, footer=None) -> None:
+    """A benchmark's command line: compile each model's variants with ``build(name, float_path,
+    work)``, evaluate them, write ``bench/results/<results>.{json,md}`` after each model.
+    ``footer(rows)``: extra Markdown under the tables."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--models", nargs="+", default=default_models)
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "bench")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--render", action="store_true", help="only rebuild w8a8.md from w8a8.json")
+    parser.add_argument("--render", action="store_true", help=f"only rebuild {results}.md from {results}.json")
     args = parser.parse_args()
+    json_path, md_path = args.results / f"{results}.json", args.results / f"{results}.md"
     if args.render:
-        saved = json.loads((args.results / "w8a8.json").read_text())
-        (args.results / "w8a8.md").write_text(markdown(saved["rows"], saved["machine"]) + "\n")
+        saved = json.loads(json_path.read_text())
+        md_path.write_text(markdown(saved["rows"], saved["machine"]) + (footer(saved["rows"]) if footer else "") + "\n")
         return
     args.work.mkdir(parents=True, exist_ok=True)
     args.results.mkdir(parents=True, exist_ok=True)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, ONNX Runtime {ort.__version__} CPU, {THREADS} threads"
     rows = []
     for name in args.models:
         print(f"[{name}] exporting / compiling", flush=True)
-        variants = build_variants(name, models.export(name).onnx_path, args.work)
+        variants = build(name, models.export(name).onnx_path, args.work)
         print(f"[{name}] evaluating", flush=True)
         rows += evaluate_variants(name, variants)
-        table = markdown(rows, machine)
-        (args.results / "w8a8.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2, default=float))
-        (args.results / "w8a8.md").write_text(table + "\n")
+        table = markdown(rows, machine()) + (footer(rows) if footer else "")
+        json_path.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2, default=float))
+        md_path.write_text(table + "\n")
     print(table)
+
+
+def main() -> None:
+    run(__doc__.splitlines()[0], ["minilm", "mobilenetv2", "smollm2"], build_variants, "w8a8")
 
 
 if __name__ == "__main__":

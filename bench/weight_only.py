@@ -13,11 +13,7 @@ blocks of 32, which would flatter every method at group 32). Writes
 
 from __future__ import annotations
 
-import argparse
-import json
 import multiprocessing
-import os
-import platform
 import resource
 import sys
 import time
@@ -28,7 +24,6 @@ import w8a8 as base  # noqa: E402  (bench/w8a8.py: shared evaluation and table c
 
 import models  # noqa: E402
 import models.data  # noqa: E402
-import onnxruntime as ort  # noqa: E402
 
 from qcompiler.config import WeightOnlyConfig  # noqa: E402
 from qcompiler.pipeline import compile_model  # noqa: E402
@@ -100,33 +95,13 @@ def build_variants(name: str, float_path: Path, work: Path) -> dict[str, dict]:
     return out
 
 
+def _peak_memory(rows: list[dict]) -> str:
+    return "\n\nCompile peak memory (child process RSS): " + ", ".join(
+        f"{r['model']} {r['variant']} {r['compile peak GB']:.2f} GB" for r in rows if "compile peak GB" in r)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["smollm2", "minilm"])
-    parser.add_argument("--work", type=Path, default=base.ROOT / "out" / "bench")
-    parser.add_argument("--results", type=Path, default=base.ROOT / "bench" / "results")
-    args = parser.parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
-    args.results.mkdir(parents=True, exist_ok=True)
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-               f"ONNX Runtime {ort.__version__} CPU, {base.THREADS} threads")
-    rows = []
-    for name in args.models:
-        print(f"[{name}] compiling", flush=True)
-        variants = build_variants(name, models.export(name).onnx_path, args.work)
-        print(f"[{name}] evaluating", flush=True)
-        evaluated = base.evaluate_variants(name, variants)
-        for row in evaluated:  # compile memory is not in the shared table code
-            peak = variants.get(row.get("variant"), {}).get("peak GB")
-            if peak is not None:
-                row["compile peak GB"] = round(peak, 2)
-        rows += evaluated
-        table = base.markdown(rows, machine) + "\n\nCompile peak memory (child process RSS): " + ", ".join(
-            f"{r['model']} {r['variant']} {r['compile peak GB']:.2f} GB" for r in rows if "compile peak GB" in r)
-        (args.results / f"{RESULTS}.json").write_text(
-            json.dumps({"machine": machine, "rows": rows}, indent=2, default=float))
-        (args.results / f"{RESULTS}.md").write_text(table + "\n")
-    print(table)
+    base.run(__doc__.splitlines()[0], ["smollm2", "minilm"], build_variants, RESULTS, _peak_memory)
 
 
 if __name__ == "__main__":

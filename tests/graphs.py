@@ -299,6 +299,20 @@ def layernorm_qkv(d: int = 16, n: int = 8, outliers=(3, 11), factor: float = 50.
                       outputs, inits)
 
 
+def rms_norm_nodes() -> list:
+    """SmolLM2's exported RMSNorm, ``h = γ · x / sqrt(mean(x²) + ε)``: reads ``x``, ``two``,
+    ``axes``, ``eps``, ``gamma``; writes ``h``."""
+    return [
+        helper.make_node("Pow", ["x", "two"], ["sq"], name="pow"),
+        helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1, name="mean"),
+        helper.make_node("Add", ["ms", "eps"], ["mse"], name="add_eps"),
+        helper.make_node("Sqrt", ["mse"], ["rms"], name="sqrt"),
+        helper.make_node("Reciprocal", ["rms"], ["inv"], name="reciprocal"),
+        helper.make_node("Mul", ["x", "inv"], ["normed"], name="normalize"),
+        helper.make_node("Mul", ["gamma", "normed"], ["h"], name="rms_scale"),
+    ]
+
+
 def rmsnorm_swiglu(d: int = 16, f: int = 32, outliers=(2, 9), up_outliers=(5, 20), factor: float = 50.0,
                    seed: int = 0) -> onnx.ModelProto:
     """A Llama MLP block: RMSNorm written out (Pow → ReduceMean → Add ε → Sqrt → Reciprocal →
@@ -319,13 +333,7 @@ def rmsnorm_swiglu(d: int = 16, f: int = 32, outliers=(2, 9), up_outliers=(5, 20
         "w_down": rng.normal(0, 0.3, (f, d)).astype(np.float32),
     }
     nodes = [
-        helper.make_node("Pow", ["x", "two"], ["sq"], name="pow"),
-        helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1, name="mean"),
-        helper.make_node("Add", ["ms", "eps"], ["mse"], name="add_eps"),
-        helper.make_node("Sqrt", ["mse"], ["rms"], name="sqrt"),
-        helper.make_node("Reciprocal", ["rms"], ["inv"], name="reciprocal"),
-        helper.make_node("Mul", ["x", "inv"], ["normed"], name="normalize"),
-        helper.make_node("Mul", ["gamma", "normed"], ["h"], name="rms_scale"),
+        *rms_norm_nodes(),
         helper.make_node("MatMul", ["h", "w_gate"], ["gate"], name="gate_proj"),
         helper.make_node("MatMul", ["h", "w_up"], ["up"], name="up_proj"),
         helper.make_node("Sigmoid", ["gate"], ["sig"], name="sigmoid"),

@@ -43,15 +43,7 @@ def norm_mlp(norm: str = "layernorm", seed: int = 0) -> onnx.ModelProto:
         nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], axis=-1, name="ln")]
     else:
         inits.update(two=np.array(2.0, np.float32), axes=np.array([-1], np.int64), eps=np.array(1e-6, np.float32))
-        nodes = [
-            helper.make_node("Pow", ["x", "two"], ["sq"], name="pow"),
-            helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1, name="mean"),
-            helper.make_node("Add", ["ms", "eps"], ["mse"], name="add_eps"),
-            helper.make_node("Sqrt", ["mse"], ["rms"], name="sqrt"),
-            helper.make_node("Reciprocal", ["rms"], ["inv"], name="reciprocal"),
-            helper.make_node("Mul", ["x", "inv"], ["normed"], name="normalize"),
-            helper.make_node("Mul", ["gamma", "normed"], ["h"], name="rms_scale"),
-        ]
+        nodes = graphs.rms_norm_nodes()
     nodes += [
         helper.make_node("MatMul", ["h", "w1"], ["h1"], name="fc1"),
         helper.make_node("Relu", ["h1"], ["a1"], name="relu"),
