@@ -74,6 +74,8 @@ class W8A8Config:
     (``passes.smoothquant``; needs calibration data). None (default): only when calibration
     finds outlier channels. ``smoothquant_alpha``: fix the migration strength ``α`` instead of
     searching it per layer.
+    ``blockwise_lm_head``: run-time schemes on ort-cpu: the MatMul producing the logits takes
+    int8 activations per block of input channels (``passes.blockwise_lm_head``).
     """
 
     activations: ActivationScheme = "per-token-sym"
@@ -85,6 +87,7 @@ class W8A8Config:
     float_residuals: bool = False
     smoothquant: bool | None = None
     smoothquant_alpha: float | None = None
+    blockwise_lm_head: bool = True
 
     name = "w8a8"
 
@@ -126,6 +129,11 @@ class W8A8Config:
     @property
     def needs_calibration(self) -> bool:
         return self.activations == "static" or self.smoothquant_on
+
+    @property
+    def lm_head_blockwise(self) -> bool:
+        """Whether the LM head runs as block-wise int8 (run-time schemes on ort-cpu)."""
+        return self.blockwise_lm_head and self.activations != "static" and self.target == "ort-cpu"
 
     @property
     def smoothquant_on(self) -> bool:

@@ -12,7 +12,8 @@ W8A8 (``w8a8_passes``)::
     bias correction         static only: −E[ΔW·x] from calibration means folded into biases
     activations             static: calibrated uint8 Q/DQ at the placement's points (target
                             inputs; residual-add and pooling inputs, see activation_points)
-                            dynamic / per-token(-sym): lowered to MatMulInteger + rescale
+                            dynamic / per-token(-sym): lowered to MatMulInteger + rescale;
+                            the LM head: MatMulNBits, int8 activations per block
     clean up                dead float weights and replaced ops removed, values named
 
     move Q/DQ               ort-cpu: across shape-only ops; equal round trips cancelled
@@ -59,6 +60,7 @@ import onnx_ir as ir
 import qcompiler
 from passes.awq import AWQPass
 from passes.bias_correction import BiasCorrectionPass
+from passes.blockwise_lm_head import BlockwiseLMHeadPass
 from passes.calibrate import STATS_KEY, CalibratePass, activations_to_observe
 from passes.canonicalize import CanonicalizePass
 from passes.cleanup import CleanupPass
@@ -142,6 +144,8 @@ def qdq_passes(
         # Annotate before calibrating: only the inputs of the ops we quantize are observed.
         SelectTargetsPass(config.op_types, config.exclude),
     ]
+    if config.lm_head_blockwise:
+        passes.append(BlockwiseLMHeadPass())
     if config.smoothquant_on and feeds is None:
         raise QCompileError("SmoothQuant measures activations: pass --calib-data or --calib-text")
     if config.smoothquant is not False and feeds is not None:
@@ -172,6 +176,8 @@ def qdq_passes(
         ]
     if config.quantize_embeddings:
         passes.append(QuantizeEmbeddingsPass())
+    if config.lm_head_blockwise:
+        passes.append(EmitMatMulNBitsPass(accuracy_level=4))
     passes.append(CleanupPass())
     if config.target == "ort-cpu" and config.activations == "static":
         # Still QDQ: bring each Q/DQ next to the op it belongs to, for the lowering's patterns.
