@@ -26,8 +26,8 @@ point. With blocks ``B_j = [j·g, (j+1)·g)`` and ``j(k)`` the block of row ``k`
 ``m: [K/g, N]``: an exact identity, only the float summation order differs. When ``g`` does not
 divide K, x is first zero-padded to ``ceil(K/g)·g`` channels (the padding adds nothing).
 
-The float weight (and the view ops it was read through) goes when nothing else reads it: a
-tied LM head ``MatMul(h, Transpose(E))`` loses the Transpose, the embedding Gather keeps ``E``.
+The float weight (and the view ops it was read through) goes when nothing else reads it
+(onnx_ir's dead-code elimination): a tied LM head ``MatMul(h, Transpose(E))`` loses the Transpose, the embedding Gather keeps ``E``.
 The model is brought to opset 21 first (onnxscript's version converter, which adapts ops whose
 meaning changed, e.g. GroupNormalization) and to IR version 10 (4-bit types). Idempotent: an
 emitted MatMul is marked ``node.meta[EMITTED_KEY]``.
@@ -40,6 +40,7 @@ import collections
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes import common
 from onnxscript.version_converter import ConvertVersionPass
 
 from qcompiler import ir_utils
@@ -48,7 +49,6 @@ from qcompiler.packed_weight import WEIGHT_KEY, PackedWeight
 EMITTED_KEY = "qcompile.weight_emitted"  # node.meta: how this MatMul's packed weight was emitted
 OPSET = 21  # blocked DequantizeLinear, INT4/UINT4
 IR_VERSION = 10  # INT4/UINT4 tensors
-_REMOVABLE = ir_utils.VIEW_OPS + ("Constant",)
 
 
 def storage(values: np.ndarray, bits: int, signed: bool) -> np.ndarray:
@@ -101,7 +101,6 @@ def emit(graph: ir.Graph, node: ir.Node, packed: PackedWeight) -> None:
         node.replace_input_with(1, decoded)
         marked = node
     marked.meta[EMITTED_KEY] = f"dequantize_linear/{packed.form}"
-    drop_unused(graph, weight)
 
 
 def _dequantize(b: ir_utils.NodeBuilder, packed: PackedWeight, with_zero_point: bool = True) -> ir.Value:
@@ -151,24 +150,9 @@ def _block_sums(b: ir_utils.NodeBuilder, x: ir.Value, g: int, k: int) -> ir.Valu
     return b.op("ReduceSum", [blocked, last], "block_sums", keepdims=0)
 
 
-def drop_unused(graph: ir.Graph, value: ir.Value | None) -> None:
-    """Remove ``value`` when nothing reads it: its initializer, or its producing view/Constant
-    node, then (recursively) that node's inputs."""
-    if value is None or value.uses() or value.is_graph_output() or value.is_graph_input():
-        return
-    node = value.producer()
-    if node is None:
-        if value.is_initializer() and value.name in graph.initializers:
-            del graph.initializers[value.name]
-        return
-    if node.op_type not in _REMOVABLE or node.domain != "" or node.graph is not graph:
-        return
-    if any(out.uses() or out.is_graph_output() for out in node.outputs):
-        return
-    inputs = tuple(node.inputs)
-    graph.remove(node, safe=True)
-    for source in inputs:
-        drop_unused(graph, source)
+def remove_dead(model: ir.Model) -> None:
+    """Drop the float weights (and the view ops they were read through) nothing reads now."""
+    common.RemoveUnusedNodesPass()(model)
 
 
 def require_opset(model: ir.Model, version: int = OPSET) -> bool:
@@ -219,6 +203,8 @@ class EmitDequantizeLinearPass(ir.passes.InPlacePass):
             if node.graph is model.graph:  # the version converter drops dead nodes
                 emit(model.graph, node, packed)
                 forms[packed.form] += 1
+        if forms:
+            remove_dead(model)
         self.summary = _summary(forms, self.skipped)
         return ir.passes.PassResult(model, modified=modified or bool(forms))
 

@@ -112,7 +112,7 @@ def matmulnbits_inputs(packed: PackedWeight) -> tuple[int, np.ndarray, np.ndarra
 
 def emit(graph: ir.Graph, node: ir.Node, packed: PackedWeight, accuracy_level: int) -> None:
     """Replace ``node`` (``x @ W``) by one MatMulNBits on ``packed``."""
-    (k, n), weight = packed.shape, node.inputs[1]
+    k, n = packed.shape
     bs, weights, scales, zero = matmulnbits_inputs(packed)
     b = ir_utils.NodeBuilder(graph, node, dq.node_label(node))
     inputs = [node.inputs[0], b.const("weight_packed", weights), b.const("weight_scales", scales)]
@@ -123,7 +123,6 @@ def emit(graph: ir.Graph, node: ir.Node, packed: PackedWeight, accuracy_level: i
     y.producer().meta[dq.EMITTED_KEY] = f"matmulnbits/{packed.form}"
     ir_utils.replace_output(node.outputs[0], y)
     graph.remove(node, safe=True)
-    dq.drop_unused(graph, weight)
 
 
 class EmitMatMulNBitsPass(ir.passes.InPlacePass):
@@ -167,6 +166,8 @@ class EmitMatMulNBitsPass(ir.passes.InPlacePass):
                 emitted += 1
         if emitted:
             model.opset_imports.setdefault(MS, 1)
+        if todo:
+            dq.remove_dead(model)
         self.summary = self._summary(emitted)
         return ir.passes.PassResult(model, modified=modified or bool(todo))
 

@@ -180,8 +180,7 @@ def quantize_with_range(
     w: np.ndarray, fmt: qm.WeightFormat, lo: np.ndarray, hi: np.ndarray
 ) -> qm.QuantizedTensor:
     """``W`` quantized in ``fmt`` with each block's range given (``lo``, ``hi``:
-    ``[ceil(K/g), N]``) instead of taken from the block. Symmetric: ``s = max(|lo|, |hi|)/q_max``
-    (``symmetric_scale``); affine: ``affine_params(lo, hi)``. Values outside the range clip to
+    ``[ceil(K/g), N]``) instead of taken from the block (``quant_math.range_params``). Values outside the range clip to
     ``q_min``/``q_max``. With the blocks' own min/max this is ``fmt.quantize(w)`` exactly."""
     w = np.asarray(w, np.float32)
     block = fmt.block(w.shape)
@@ -189,13 +188,8 @@ def quantize_with_range(
     lo, hi = np.asarray(lo, np.float32), np.asarray(hi, np.float32)
     if lo.shape != shape or hi.shape != shape:
         raise ValueError(f"lo/hi must have the parameter shape {shape}, got {lo.shape}, {hi.shape}")
-    qtype = fmt.qtype
-    if fmt.symmetric:
-        scale = qm.symmetric_scale(np.maximum(np.abs(lo), np.abs(hi)), qtype)
-        zero_point = np.zeros_like(scale, dtype=qtype.numpy_dtype)
-    else:
-        scale, zero_point = qm.affine_params(lo, hi, qtype)
-    return qm.QuantizedTensor(qm.quantize(w, scale, zero_point, qtype, block), scale, zero_point, block)
+    scale, zero_point = qm.range_params(lo, hi, fmt.qtype, fmt.symmetric)
+    return qm.QuantizedTensor(qm.quantize(w, scale, zero_point, fmt.qtype, block), scale, zero_point, block)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -231,10 +231,8 @@ def _block_bounds(k: int, block_size: int, group_size: int | None) -> list[tuple
 
 def _rtn_params(rows: np.ndarray, fmt: qm.WeightFormat) -> tuple[np.ndarray, np.ndarray]:
     """RTN parameters ``[1, N]`` of one group of rows, exactly as ``quant_math`` computes them."""
-    if fmt.symmetric:
-        scale = qm.symmetric_scale(np.abs(rows).max(axis=0, keepdims=True), fmt.qtype)
-        return scale, np.zeros_like(scale, dtype=fmt.qtype.numpy_dtype)
-    return qm.affine_params(rows.min(axis=0, keepdims=True), rows.max(axis=0, keepdims=True), fmt.qtype)
+    lo, hi = rows.min(axis=0, keepdims=True), rows.max(axis=0, keepdims=True)
+    return qm.range_params(lo, hi, fmt.qtype, fmt.symmetric)
 
 
 def _row_params(static: qm.QuantizedTensor, perm: np.ndarray, device: torch.device):

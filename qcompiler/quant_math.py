@@ -156,6 +156,18 @@ def affine_params(
     return scale.astype(np.float32), zero_point.astype(qtype.numpy_dtype)
 
 
+def range_params(
+    lo: np.ndarray, hi: np.ndarray, qtype: IntType, symmetric: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point of ranges ``[lo, hi]``: symmetric ``s = max(|lo|, |hi|)/q_max``,
+    ``z = 0``; else ``affine_params``. The one rule every weight method uses (RTN, GPTQ's
+    groups, AWQ's clipped ranges)."""
+    if symmetric:
+        scale = symmetric_scale(np.maximum(np.abs(lo), np.abs(hi)), qtype)
+        return scale, np.zeros_like(scale, dtype=qtype.numpy_dtype)
+    return affine_params(lo, hi, qtype)
+
+
 # --- quantize / dequantize -------------------------------------------------------------------
 
 
@@ -208,14 +220,8 @@ def quantize_tensor(
 ) -> QuantizedTensor:
     """Round-to-nearest quantization of a (weight) tensor at the given granularity."""
     block = granularity.block_size(x.shape)
-    if symmetric:
-        amax = block_reduce(np.abs(x), block, np.maximum)
-        scale = symmetric_scale(amax, qtype)
-        zero_point = np.zeros_like(scale, dtype=qtype.numpy_dtype)
-    else:
-        scale, zero_point = affine_params(
-            block_reduce(x, block, np.minimum), block_reduce(x, block, np.maximum), qtype
-        )
+    lo, hi = block_reduce(x, block, np.minimum), block_reduce(x, block, np.maximum)
+    scale, zero_point = range_params(lo, hi, qtype, symmetric)
     return QuantizedTensor(quantize(x, scale, zero_point, qtype, block), scale, zero_point, block)
 
 

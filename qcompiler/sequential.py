@@ -5,7 +5,7 @@ activations feeding the next layer", Frantar et al. 2023).
 A *stage* is the layers that read one activation (q/k/v of an attention; gate/up of an MLP).
 Rerunning the model once per stage would cost ``stages × samples`` forward passes; instead:
 
-* The graph, in topological order (computed here: the model is never modified), is **cut** right
+* The graph, in topological order (it must be sorted already; the model is never modified), is **cut** right
   before the first node that reads a stage's weights. The nodes between two cuts form a
   **segment**: its own small ONNX model and ORT session, built when reached and dropped after.
 * For every calibration feed the runner holds the values **live across the current cut**:
@@ -32,7 +32,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import heapq
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
@@ -142,7 +141,7 @@ class _Segment:
 def _plan(graph: ir.Graph, stages: list[Stage]) -> list[_Segment]:
     """Cut ``graph`` before the first reader of each stage's weights (see the module docstring)."""
     reads = {node: _reads(node, graph) for node in graph}
-    order = _topological_order(graph, reads)
+    order = _sorted_nodes(graph, reads)
     position = {node: p for p, node in enumerate(order)}
     weight_stage = _weight_stages(stages)
 
@@ -267,30 +266,17 @@ def _reads(node: ir.Node, graph: ir.Graph) -> list[ir.Value]:
     return list(dict.fromkeys(values))
 
 
-def _topological_order(graph: ir.Graph, reads) -> list[ir.Node]:
-    """Producers before readers, otherwise the graph's own order (unchanged if already sorted)."""
-    nodes = list(graph)
-    index = {node: i for i, node in enumerate(nodes)}
-    waiting, readers = {}, collections.defaultdict(list)
+def _sorted_nodes(graph: ir.Graph, reads) -> list[ir.Node]:
+    """The graph's nodes, which must already be in topological order (``CanonicalizePass``
+    sorts them; this module never modifies the model)."""
+    nodes, seen = list(graph), set()
     for node in nodes:
-        producers = {v.producer() for v in reads[node]} & index.keys()
-        producers.discard(node)
-        waiting[node] = len(producers)
-        for producer in producers:
-            readers[producer].append(node)
-    ready = [i for i, node in enumerate(nodes) if not waiting[node]]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        node = nodes[heapq.heappop(ready)]
-        order.append(node)
-        for reader in readers[node]:
-            waiting[reader] -= 1
-            if not waiting[reader]:
-                heapq.heappush(ready, index[reader])
-    if len(order) != len(nodes):
-        raise QCompileError("the graph has a cycle")
-    return order
+        late = [v.name for v in reads[node] if v.producer() is not None and v.producer().graph is graph
+                and v.producer() not in seen and v.producer() is not node]
+        if late:
+            raise QCompileError(f"node {node.name!r} reads {late[0]!r} before it is computed: sort the graph first")
+        seen.add(node)
+    return nodes
 
 
 def _is_constant_node(node: ir.Node) -> bool:
