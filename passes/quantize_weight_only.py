@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from passes.select_targets import QuantTarget, targets
-from qcompiler import gptq, kmeans, sequential
+from qcompiler import gptq, ir_utils, kmeans, sequential
 from qcompiler import quant_math as qm
 from qcompiler.calibration import FeedSource
 from qcompiler.config import WeightOnlyConfig
@@ -97,6 +97,7 @@ class QuantizeWeightOnlyPass(ir.passes.InPlacePass):
             for t in todo:
                 t.node.meta[WEIGHT_KEY] = (kmeans_weight(t.weight, self.config.bits, self.config.group_size != 0)
                                            if self.method == "kmeans" else rtn(t.weight, fmt))
+                ir_utils.release_array_pages(t.weight)  # one float weight resident at a time
         methods = collections.Counter(t.node.meta[WEIGHT_KEY].method for t in targets(model) if WEIGHT_KEY in t.node.meta)
         self.summary = ", ".join(f"{n} {m}" for m, n in sorted(methods.items()))
         return ir.passes.PassResult(model, modified=False)  # annotations only; emitters rewrite

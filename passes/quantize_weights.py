@@ -42,6 +42,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             if target is None or WEIGHT_KEY in node.meta:
                 continue
             node.meta[WEIGHT_KEY] = self._quantize(graph, target)
+            ir_utils.release_array_pages(target.weight)  # one float weight resident at a time
             modified = True
         return ir.passes.PassResult(model, modified=modified)
 

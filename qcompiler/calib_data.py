@@ -116,8 +116,17 @@ def npz_source(path: str | Path, specs: list[InputSpec]) -> FeedSource:
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     if not path.exists():
         raise QCompileError(f"calibration data not found: {path}")
+    if path.is_dir():
+        raise QCompileError(f"expected an .npz file, got a folder: {path}")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise QCompileError(f"cannot read {path} as an .npz file ({first_line(exc)})") from exc
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise QCompileError(f"{path} is a single .npy array; save the feeds with np.savez(path, "
+                            "NAME=array, ...), one array per model input")
+    try:
+        with data:
             return {k: data[k] for k in data.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise QCompileError(f"cannot read {path} as an .npz file ({first_line(exc)})") from exc

@@ -59,17 +59,25 @@ def collect_stats(
         session = create_session(path)
         names = [v.name for v in observed]
         samples = 0
+        seen = dict.fromkeys(stats, 0)  # elements observed (finite or not)
         for feed in tqdm(feeds, desc="calibrating", unit="sample", disable=not progress):
             outputs = _run(session, names, feed)
             mask = feed.get(MASK_INPUT) if mask_padding else None
             for name in stats:
-                x = outputs[name] if name in outputs else feed[name]
-                stats[name].update(valid_positions(x, mask))
+                x = valid_positions(outputs[name] if name in outputs else feed[name], mask)
+                stats[name].update(x)
+                seen[name] += x.size
             samples += 1
             if max_samples is not None and samples >= max_samples:
                 break
     if samples == 0:
         raise QCompileError("the calibration data holds no samples")
+    for name, s in stats.items():  # an empty tensor (a zero-length cache) is not an error
+        if seen[name] and (s.count == 0 or (s.rows is not None and s.rows.seen == 0)):
+            raise QCompileError(
+                f"activation {name!r} is not finite on any calibration sample (NaN, or "
+                "overflow to Inf): check the calibration data's values and scale"
+            )
     return stats
 
 

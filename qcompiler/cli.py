@@ -8,7 +8,9 @@ one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -20,15 +22,24 @@ from qcompiler.config import (
     ACTIVATION_SCHEMES,
     TARGETS,
     WEIGHT_ONLY_METHODS,
+    KV_CACHE_DTYPES,
     CalibrationConfig,
+    FP8Config,
+    Int8MixedConfig,
+    KVCacheConfig,
     W8A8Config,
     WeightOnlyConfig,
 )
 from qcompiler.errors import QCompileError, VerificationError, first_line
 from qcompiler.ranges import CALIBRATION_METHODS
+from qcompiler.sensitivity import Objective
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
+
+
+# Recipe flags share one destination (``recipe``): two of them would silently keep the last.
+RECIPE_FLAGS = ("--w8a8", "--w4a16", "--w8a16", "--fp8", "--int8-mixed")
 
 
 class _DefaultCommandGroup(click.Group):
@@ -37,6 +48,9 @@ class _DefaultCommandGroup(click.Group):
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["compile", *args]
+        recipes = sorted({a for a in args if a in RECIPE_FLAGS})
+        if len(recipes) > 1:  # they share one destination: the last would win silently
+            raise click.UsageError(f"choose one recipe, not {' and '.join(recipes)}")
         return super().parse_args(ctx, args)
 
 
@@ -62,6 +76,19 @@ def _recipe_options(f):
                           "calibration data, else round-to-nearest)."),
         click.option("--w8a16", "recipe", flag_value="w8a16",
                      help="int8 per-channel weights, float activations."),
+        click.option("--fp8", "recipe", flag_value="fp8",
+                     help="float8 E4M3 weights (per channel; per tensor for ort-cuda) and static "
+                          "per-tensor activations as Q/DQ (needs calibration data)."),
+        click.option("--int8-mixed", "recipe", flag_value="int8-mixed",
+                     help="LLM.int8(): int8 weights per column and activations per row, a few "
+                          "outlier input channels per layer in fp16, chosen from calibration data "
+                          "(ort-cuda: qcompile's MixedInt8MatMul custom op)."),
+        click.option("--outlier-error", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+                     help="--int8-mixed: a layer's outlier set is the smallest meeting this "
+                          "relative output error (default 0.01), at most 2%% of its inputs."),
+        click.option("--kv-cache", type=click.Choice(KV_CACHE_DTYPES),
+                     help="Decoder graphs with past key/values: keep the KV cache in int8 or fp8 "
+                          "(per-token, per-head scales); alone or with a recipe."),
         click.option("--activations", type=click.Choice(ACTIVATION_SCHEMES),
                      help="static (calibrated, per tensor) | dynamic (per tensor) | per-token. "
                           "Default: static with calibration data, per-token-sym without."),
@@ -92,6 +119,17 @@ def _recipe_options(f):
                           "outlier channels."),
         click.option("--smoothquant-alpha", type=click.FloatRange(0.0, 1.0),
                      help="Fix SmoothQuant's migration strength α (default: searched per layer)."),
+        click.option("--max-ppl-increase", type=click.FloatRange(min=0.0), metavar="PERCENT",
+                     help="W8A8 static: keep the most sensitive layers in float until perplexity "
+                          "(language models) rises at most PERCENT on calibration windows."),
+        click.option("--min-cosine", type=click.FloatRange(0.0, 1.0, min_open=True),
+                     help="W8A8 static: … until the output's mean cosine to float is at least this (encoders)."),
+        click.option("--min-top1-agreement", type=click.FloatRange(0.0, 1.0, min_open=True),
+                     help="W8A8 static: … until top-1 agrees with float on at least this fraction (classifiers)."),
+        click.option("--max-float-fraction", type=click.FloatRange(0.0, 1.0),
+                     help="With an accuracy target: at most this fraction of layers in float (default 0.1)."),
+        click.option("--sensitivity-samples", type=click.IntRange(min=1),
+                     help="With an accuracy target: calibration samples it is measured on (default 4)."),
         click.option("--method", type=click.Choice(WEIGHT_ONLY_METHODS),
                      help="Weight-only: rtn | gptq | awq | kmeans (default: gptq with "
                           "calibration data, else rtn)."),
@@ -123,20 +161,47 @@ def _recipe_options(f):
 
 
 WEIGHT_ONLY_OPTIONS = ("method", "bits", "group_size", "symmetric", "act_order", "lm_head_bits")
-W8A8_OPTIONS = ("activations", "float_residuals", "smoothquant", "smoothquant_alpha")
+W8A8_OPTIONS = ("activations", "float_residuals", "smoothquant", "smoothquant_alpha", "max_ppl_increase",
+                "min_cosine", "min_top1_agreement", "max_float_fraction", "sensitivity_samples")
 
 
 def _config(recipe, calibration, options: dict):
     """The recipe's config from the command-line options (bad combinations → QCompileError)."""
+    if recipe is None and options.get("kv_cache"):
+        return KVCacheConfig(options["kv_cache"])
     if recipe is None:
-        raise QCompileError("choose a recipe: --w8a8, --w4a16 or --w8a16")
+        raise QCompileError("choose a recipe: --w8a8, --w4a16, --w8a16, --fp8 (or --kv-cache alone)")
     calib = CalibrationConfig(options["calib_method"], options["percentile"], options["max_calib_samples"])
+    if recipe == "fp8":
+        return _fp8_config(calibration, calib, options)
+    if recipe == "int8-mixed":
+        return _int8_mixed_config(calibration, calib, options)
+    if options.get("outlier_error") is not None:
+        raise QCompileError("--outlier-error applies to --int8-mixed")
     if recipe in ("w4a16", "w8a16"):
         return _weight_only_config(recipe, calibration, calib, options)
     given = [name for name in WEIGHT_ONLY_OPTIONS if options.get(name) not in (None, False)]
     if given:
         raise QCompileError(f"--{given[0].replace('_', '-')} applies to --w4a16/--w8a16, not --w8a8")
     return _w8a8_config(calibration, calib, options)
+
+
+def _int8_mixed_config(calibration, calib, options):
+    given = [name for name in WEIGHT_ONLY_OPTIONS + W8A8_OPTIONS if options.get(name) not in (None, False)]
+    if given:
+        raise QCompileError(f"--{given[0].replace('_', '-')} does not apply to --int8-mixed")
+    if calibration is None:
+        raise QCompileError("--int8-mixed picks outlier channels from calibration: pass --calib-data or --calib-text")
+    if options["max_calib_samples"] is None:  # 16 feeds measure the channels; all would be slow
+        calib = dataclasses.replace(calib, max_samples=16)
+    error = options.get("outlier_error")
+    return Int8MixedConfig(
+        error_target=Int8MixedConfig.error_target if error is None else error,
+        calibration=calib,
+        exclude=tuple(options["exclude"]),
+        quantize_embeddings=not options["keep_embeddings_float"],
+        target=options["target"],
+    )
 
 
 def _weight_only_config(recipe, calibration, calib, options):
@@ -193,14 +258,53 @@ def _w8a8_config(calibration, calib, options):
         float_residuals=options["float_residuals"],
         smoothquant=options["smoothquant"],
         smoothquant_alpha=options["smoothquant_alpha"],
+        accuracy_target=_accuracy_target(options),
+        max_float_fraction=_or_default(options["max_float_fraction"], "max_float_fraction"),
+        sensitivity_samples=_or_default(options["sensitivity_samples"], "sensitivity_samples"),
     )
     if config.smoothquant_on and calibration is None:
         raise QCompileError("--smoothquant measures activations: pass --calib-data or --calib-text")
     return config
 
 
+def _accuracy_target(options) -> Objective | None:
+    given = [(kind, options[flag]) for kind, flag in
+             (("ppl", "max_ppl_increase"), ("cosine", "min_cosine"), ("top1", "min_top1_agreement"))
+             if options[flag] is not None]
+    if len(given) > 1:
+        raise QCompileError("give one accuracy target: --max-ppl-increase, --min-cosine or --min-top1-agreement")
+    if not given and (options["max_float_fraction"] is not None or options["sensitivity_samples"] is not None):
+        raise QCompileError("--max-float-fraction/--sensitivity-samples go with an accuracy target "
+                            "(--max-ppl-increase, --min-cosine, --min-top1-agreement)")
+    return Objective(*given[0]) if given else None
+
+
+def _or_default(value, field: str):
+    return value if value is not None else W8A8Config.__dataclass_fields__[field].default
+
+
+def _fp8_config(calibration, calib, options):
+    given = [name for name in (*WEIGHT_ONLY_OPTIONS, *W8A8_OPTIONS)
+             if name != "method" and options.get(name) not in (None, False)]
+    if given:
+        raise QCompileError(f"--{given[0].replace('_', '-')} does not apply to --fp8")
+    method = options.get("method") or "gptq"
+    if method not in ("gptq", "rtn"):
+        raise QCompileError(f"--fp8 rounds weights by --method gptq or rtn, not {method}")
+    source = click.get_current_context().get_parameter_source("calib_method")
+    if source == click.core.ParameterSource.DEFAULT:  # fp8's grid is relative: amax, not an mse clip
+        calib = dataclasses.replace(calib, method="minmax")
+    if calibration is None:
+        raise QCompileError("--fp8 uses static activation scales: pass --calib-data or --calib-text")
+    target = options["target"] if options["target"] != "ort-cpu" else "qdq"  # fp8 on CPU: Q/DQ reference
+    return FP8Config(calibration=calib, exclude=tuple(options["exclude"]), method=method,
+                     quantize_embeddings=not options["keep_embeddings_float"], target=target)
+
+
 def _calibration(calib_data_path, calib_text, tokenizer, seq_len):
     """The calibration files given on the command line, or None."""
+    if tokenizer is not None and calib_text is None:
+        raise QCompileError("--tokenizer is read only with --calib-text FILE; pass both or neither")
     if calib_data_path is None and calib_text is None:
         return None
     return calib_data.CalibrationInput(calib_data_path, calib_text, tokenizer, seq_len)
@@ -225,9 +329,10 @@ def compile_command(model, output, recipe, calib_data, calib_text, tokenizer, se
 
     calibration = _calibration(calib_data, calib_text, tokenizer, seq_len)
     config = _config(recipe, calibration, options)
-    output = output or model.with_name(f"{model.stem}.{recipe}.onnx")
+    kv_cache = KVCacheConfig(options["kv_cache"]) if options.get("kv_cache") else None
+    output = output or model.with_name(f"{model.stem}.{recipe or 'kv-' + options['kv_cache']}.onnx")
     result = compile_model(model, output, config, calibration=calibration, progress=not quiet,
-                           verify_samples=verify_samples)
+                           verify_samples=verify_samples, kv_cache=kv_cache)
     if not quiet:
         for report in result.reports:
             click.echo(f"  {report.name:<30} {report.seconds:7.2f}s  {report.summary()}", err=True)
@@ -236,6 +341,8 @@ def compile_command(model, output, recipe, calib_data, calib_text, tokenizer, se
         f"{result.output_bytes / 1e6:.1f} MB, {config.describe()}, "
         f"target {config.target}, {result.seconds:.1f}s)"
     )
+    for note in result.notes:
+        click.echo(f"  note: {note}", err=True)
     if config.target == "ort-cuda" and isinstance(config, W8A8Config):
         click.echo("  note: ONNX Runtime's CUDA provider runs DequantizeLinear → MatMul no faster "
                    "than fp16 (measured on an H100): this output saves memory, not time, until "
@@ -255,7 +362,7 @@ def plan_command(model, recipe, calib_data, calib_text, tokenizer, seq_len, **op
 
     calibration = _calibration(calib_data, calib_text, tokenizer, seq_len)
     config = _config(recipe, calibration, options)
-    click.echo(f"{model}: {recipe}, {config.describe()}, target {config.target}")
+    click.echo(f"{model}: {recipe or config.name}, {config.describe()}, target {config.target}")
     for report in plan(model, config):
         click.echo(f"  {report.name:<30} {report.summary()}")
 
@@ -293,8 +400,76 @@ def eval_command(float_model, quant_model, task, data, tokenizer, limit, threads
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.write_text(json.dumps(_json_safe(payload), indent=2))
     os.replace(tmp, path)
+
+
+def _json_safe(value):
+    """Infinite and NaN floats as the strings "inf", "-inf", "nan" (strict JSON has none)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+@cli.command("diff")
+@click.argument("model_a", type=click.Path(path_type=Path))
+@click.argument("model_b", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path),
+              help="Feeds (.npz or folder): also run both models and compare each quantized layer's output.")
+@click.option("--limit", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Feeds to run with --data.")
+@click.option("--top", type=click.IntRange(min=1), help="Show only the N worst layers.")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the report as JSON.")
+@click.option("--html", "html_path", type=click.Path(path_type=Path),
+              help="Also write a self-contained HTML page (tables, charts, a layer's subgraph).")
+@click.option("--show-layer", help="Layer (or node name) drawn before/after in the HTML page (default: the worst).")
+def diff_command(model_a, model_b, data, limit, top, threads, json_path, html_path, show_layer):
+    """What changed from MODEL_A (float) to MODEL_B (compiled), layer by layer."""
+    import itertools
+
+    from qcompiler import diff
+    from qcompiler.ir_utils import load_model
+
+    report = diff.diff_models(model_a, model_b)
+    for line in diff.format_diff(report):
+        click.echo(line)
+    payload, rows, outputs = report.as_dict(), None, None
+    if data is not None:
+        feeds = calib_data.npz_source(data, calib_data.input_specs(load_model(model_a)))
+        rows, outputs = diff.numeric_diff(report, itertools.islice(feeds(), limit), threads)
+        for line in diff.format_numeric(rows, outputs, top):
+            click.echo(line)
+        payload["numeric"] = {"outputs": outputs, "layers": [dataclasses.asdict(r) for r in rows]}
+    if json_path is not None:
+        _write_json_atomic(json_path, payload)
+    if html_path is not None:
+        from qcompiler import report_html
+
+        histograms = None
+        if data is not None and rows:
+            histograms = report_html.activation_histograms(report, rows, itertools.islice(feeds(), 2), threads=threads)
+        report_html.write(html_path, report, rows, outputs, show_layer, histograms)
+        click.echo(f"wrote {html_path}")
+
+
+@cli.command("inspect")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-v", "--verbose", is_flag=True, help="List every quantized and float weighted op.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the summary as JSON.")
+def inspect_command(model, verbose, json_path):
+    """Ops, bytes by dtype, which ops are quantized and how, and the compile's provenance."""
+    from qcompiler import inspect_model
+
+    info = inspect_model.summary(model)
+    for line in inspect_model.format_summary(info, verbose):
+        click.echo(line)
+    if json_path is not None:
+        _write_json_atomic(json_path, info)
 
 
 @cli.group("models")
@@ -362,8 +537,30 @@ def _model_name(models, name: str) -> str:
     return name
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``with``/``finally`` cleans up on the way out."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: QCompileError and usage errors → one line and exit code 2."""
+    """Entry point: QCompileError and usage errors → one line and exit code 2; SIGINT and
+    SIGTERM → temporary files removed, one line, exit 130 (143 for SIGTERM)."""
+    import signal
+    import threading
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    try:
+        return _main(argv)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         cli.main(args=argv, prog_name="qcompile", standalone_mode=False)
     except VerificationError as exc:  # the model was written but failed its check
@@ -373,9 +570,14 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         click.echo(f"qcompile: error: {message}", err=True)
         return EXIT_BAD_INPUT
-    except click.exceptions.Abort:
-        click.echo("qcompile: interrupted", err=True)
-        return 130
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:
+        terminated = isinstance(exc, _Terminated) or isinstance(exc.__cause__, _Terminated)
+        click.echo(f"qcompile: interrupted by {'SIGTERM' if terminated else 'SIGINT'}; "
+                   "temporary files removed, no partial output left", err=True)
+        return 143 if terminated else 130
+    except click.exceptions.NoArgsIsHelpError as exc:  # bare ``qcompile``: the help, not an error
+        click.echo(exc.ctx.get_help())
+        return 0
     except click.UsageError as exc:
         click.echo(f"qcompile: error: {exc.format_message()}", err=True)
         return EXIT_BAD_INPUT

@@ -12,6 +12,7 @@ from typing import Literal
 
 from qcompiler.errors import QCompileError
 from qcompiler.ranges import CALIBRATION_METHODS
+from qcompiler.sensitivity import Objective
 
 ActivationScheme = Literal["static", "dynamic", "per-token", "per-token-sym"]
 ACTIVATION_SCHEMES: tuple[str, ...] = ("static", "dynamic", "per-token", "per-token-sym")
@@ -76,6 +77,9 @@ class W8A8Config:
     searching it per layer.
     ``blockwise_lm_head``: run-time schemes on ort-cpu: the MatMul producing the logits takes
     int8 activations per block of input channels (``passes.blockwise_lm_head``).
+    ``accuracy_target``: static only — keep the fewest, most sensitive layers in float that meet
+    it on ``sensitivity_samples`` calibration samples, at most ``max_float_fraction`` of the
+    quantized layers (``passes.keep_sensitive_float``).
     """
 
     activations: ActivationScheme = "per-token-sym"
@@ -88,6 +92,9 @@ class W8A8Config:
     smoothquant: bool | None = None
     smoothquant_alpha: float | None = None
     blockwise_lm_head: bool = True
+    accuracy_target: Objective | None = None
+    max_float_fraction: float = 0.1
+    sensitivity_samples: int = 4
 
     name = "w8a8"
 
@@ -115,6 +122,13 @@ class W8A8Config:
         unknown = set(self.op_types) - set(QUANTIZABLE_OPS)
         if unknown:
             raise QCompileError(f"cannot quantize op types {sorted(unknown)}")
+        if self.accuracy_target is not None and self.activations != "static":
+            raise QCompileError("an accuracy target (--max-ppl-increase, --min-cosine, --min-top1-agreement) "
+                                "searches static activations: pass --calib-data (and no --activations)")
+        if not 0.0 <= self.max_float_fraction <= 1.0:
+            raise QCompileError(f"--max-float-fraction must be in [0, 1], got {self.max_float_fraction}")
+        if self.sensitivity_samples < 1:
+            raise QCompileError(f"--sensitivity-samples must be ≥ 1, got {self.sensitivity_samples}")
 
     def describe(self) -> str:
         return f"{self.activations} activations"
@@ -230,4 +244,137 @@ class WeightOnlyConfig:
         return dataclasses.asdict(self)
 
 
-RECIPES: dict[str, type] = {"w8a8": W8A8Config, "w4a16": WeightOnlyConfig, "w8a16": WeightOnlyConfig}
+FP8_CALIBRATION_METHODS: tuple[str, ...] = ("minmax", "mse")
+FP8_WEIGHT_GRANULARITIES: tuple[str, ...] = ("per-channel", "per-tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class FP8Config:
+    """FP8 E4M3 weights and static activations as Q/DQ (``--fp8``; ``passes.quantize_fp8``).
+
+    ``weights``: ``per-channel`` (one scale per output channel; default for ``qdq``/``ort-cpu``)
+    or ``per-tensor`` (required by ``ort-cuda``: cuBLASLt's FP8 matmul takes one scale per
+    operand). None: the target's default. Activations: one static scale per tensor,
+    ``amax/448`` from calibration (``calibration.method`` ``minmax`` or ``mse`` on the fp8
+    grid). ``target``: ``qdq``/``ort-cpu`` keep portable Q/DQ (ONNX Runtime's CPU provider runs
+    them as the reference); ``ort-cuda`` rewrites the MatMuls to ``com.microsoft.GemmFloat8``
+    (TN layout, weights stored transposed). Attention MatMuls (activation×activation) stay
+    float. ``lm_head``: also quantize the MatMul producing the logits (off: FP8 recipes keep it
+    in 16 bits; it is the most sensitive layer). ``method``: how weights are rounded to E4M3,
+    ``gptq`` (on the calibration inputs' Hessians) or ``rtn`` (to nearest).
+    """
+
+    calibration: CalibrationConfig = CalibrationConfig(method="minmax")
+    weights: str | None = None
+    lm_head: bool = False
+    method: str = "gptq"
+    op_types: tuple[str, ...] = ("MatMul", "Gemm")
+    exclude: tuple[str, ...] = ()
+    quantize_embeddings: bool = True
+    target: str = "qdq"
+
+    name = "fp8"
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise QCompileError(f"unknown target {self.target!r}; choose one of " + ", ".join(TARGETS))
+        if self.calibration.method not in FP8_CALIBRATION_METHODS:
+            raise QCompileError(
+                f"--fp8 takes --calib-method minmax or mse (amax on the fp8 grid), not {self.calibration.method!r}")
+        if self.method not in ("gptq", "rtn"):
+            raise QCompileError(f"--fp8 rounds weights by gptq or rtn, not {self.method!r}")
+        if self.weights is not None and self.weights not in FP8_WEIGHT_GRANULARITIES:
+            raise QCompileError(f"fp8 weights are per-channel or per-tensor, not {self.weights!r}")
+        if self.target == "ort-cuda" and self.weights == "per-channel":
+            raise QCompileError("--target ort-cuda runs cuBLASLt's FP8 GEMM, which takes one weight scale "
+                                "per tensor: drop per-channel weights")
+        unknown = set(self.op_types) - set(QUANTIZABLE_OPS)
+        if unknown:
+            raise QCompileError(f"cannot quantize op types {sorted(unknown)}")
+
+    @property
+    def per_channel(self) -> bool:
+        return (self.weights or ("per-tensor" if self.target == "ort-cuda" else "per-channel")) == "per-channel"
+
+    needs_calibration = True
+
+    def describe(self) -> str:
+        granularity = "per-channel" if self.per_channel else "per-tensor"
+        return (f"fp8 e4m3 {granularity} weights ({self.method}), static per-tensor activations "
+                f"({self.calibration.method})")
+
+    def flags(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+KV_CACHE_DTYPES: tuple[str, ...] = ("int8", "fp8")
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCacheConfig:
+    """8-bit KV cache of a decoder graph (``--kv-cache int8|fp8``; ``passes.quantize_kv_cache``).
+
+    ``dtype``: ``int8`` (symmetric, ``s = max|x|/127``) or ``fp8`` (E4M3, ``s = max|x|/448``).
+    Scales are per token and per head (one per 64-value head vector, computed when the entry
+    is written, stored in float16 beside the cache), so no calibration is needed.
+    """
+
+    dtype: str = "int8"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in KV_CACHE_DTYPES:
+            raise QCompileError(f"--kv-cache takes {' or '.join(KV_CACHE_DTYPES)}, not {self.dtype!r}")
+
+    name = "kv-cache"
+    target = "qdq"  # standard ops only (Cast, Round, Clip, Q/DQ): runs anywhere
+    needs_calibration = False
+
+    def describe(self) -> str:
+        return f"{self.dtype} KV cache, per-token per-head scales"
+
+    def flags(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8MixedConfig:
+    """LLM.int8() (``--int8-mixed``; ``passes.llm_int8``): int8 weights per output column and
+    int8 activations per row, computed at run time, except a few outlier input channels per
+    MatMul that multiply in fp16. The outlier set of each layer is the smallest set of
+    top-``max|x|`` channels (calibrated) whose output error is at most ``error_target``
+    (relative, on calibration rows), capped at ``max_outlier_fraction`` of the layer's inputs.
+    ``target``: ``ort-cuda``: qcompile's ``MixedInt8MatMul`` custom op (falls back to the graph
+    form without the library); ``ort-cpu``: the graph form on ONNX Runtime's
+    MatMulIntegerToFloat; ``qdq``: the graph form in standard ONNX (MatMulInteger).
+    """
+
+    error_target: float = 0.01
+    max_outlier_fraction: float = 0.02
+    calibration: CalibrationConfig = CalibrationConfig(max_samples=16)
+    exclude: tuple[str, ...] = ()
+    quantize_embeddings: bool = True
+    target: str = "ort-cpu"
+    op_types: tuple[str, ...] = ("MatMul",)
+
+    name = "int8-mixed"
+    needs_calibration = True
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise QCompileError(f"unknown target {self.target!r}; choose one of " + ", ".join(TARGETS))
+        if not 0.0 < self.error_target < 1.0:
+            raise QCompileError(f"--outlier-error must be in (0, 1), got {self.error_target}")
+        if not 0.0 <= self.max_outlier_fraction <= 0.5:
+            raise QCompileError(f"--max-outlier-fraction must be in [0, 0.5], got {self.max_outlier_fraction}")
+
+    def describe(self) -> str:
+        return (f"LLM.int8(): int8 rows × int8 columns, outlier channels in fp16 (error ≤ "
+                f"{self.error_target:g}, at most {self.max_outlier_fraction:.0%} of K)")
+
+    def flags(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+RECIPES: dict[str, type] = {"w8a8": W8A8Config, "w4a16": WeightOnlyConfig, "w8a16": WeightOnlyConfig,
+                            "fp8": FP8Config}
+RECIPES["int8-mixed"] = Int8MixedConfig

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from qcompiler import quant_math as qm
 from qcompiler.calibration import Feed
@@ -33,6 +34,8 @@ from qcompiler.errors import QCompileError, first_line
 from runtime.session import create_session
 
 TASKS = ("embedding", "lm", "image")
+# What ONNX Runtime raises when a feed does not fit the model (not RuntimeError subclasses).
+_ORT_RUN_ERRORS = (_ort_state.Fail, _ort_state.InvalidArgument, _ort_state.RuntimeException)
 
 
 @dataclasses.dataclass
@@ -227,7 +230,7 @@ def evaluate(
             label: interleaved_latency(sessions, feed, runs=latency_runs)
             for label, feed in data.latency_feeds.items()
         }
-    except (RuntimeError, KeyError, ValueError, IndexError) as exc:
+    except (RuntimeError, KeyError, ValueError, IndexError, *_ORT_RUN_ERRORS) as exc:
         raise QCompileError(
             f"cannot evaluate these models as task {task!r} on this data ({first_line(exc)})"
         ) from exc

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from qcompiler.errors import QCompileError, first_line
@@ -19,10 +21,19 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # Ops that only move or relabel elements: a constant seen through them is still a constant.
 VIEW_OPS = ("Transpose", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Flatten")
 MIN_OPSET = 13  # per-axis DequantizeLinear
+MAX_OPSET = 26  # the newest opset ONNX Runtime 1.31 loads
+# graph.meta: the input's memory-mapped (external data) tensors, see release_mapped_pages.
+MAPPED_KEY = "qcompile.mapped_tensors"
 
 
 def load_model(path: str | os.PathLike) -> ir.Model:
-    """Load an ONNX model (external data included, lazily) or raise a one-line error."""
+    """Load an ONNX model (external data included, lazily) or raise a one-line error.
+
+    The file must parse, pass ``onnx.checker`` (a graph that is merely not topologically
+    sorted is accepted: the pipeline sorts it; cycles and inputs nothing defines are not), use
+    an opset in ``[MIN_OPSET, MAX_OPSET]`` and have graph outputs; every external data file it
+    names must exist and hold the bytes it claims.
+    """
     path = Path(path)
     if not path.exists():
         raise QCompileError(f"model file not found: {path}")
@@ -31,38 +42,218 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     if path.stat().st_size == 0:
         raise QCompileError(f"model file is empty: {path}")
     try:
-        model = ir.load(path)
+        proto = onnx.load(path, load_external_data=False)
     except Exception as exc:  # protobuf raises several types for corrupt files
         raise QCompileError(f"cannot read {path} as an ONNX model ({first_line(exc)})") from exc
-    opset = model.opset_imports.get("", 0)
+    _check_proto(proto, path)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as exc:
+        raise QCompileError(f"cannot read {path} as an ONNX model ({first_line(exc)})") from exc
+    ir.external_data.set_base_dir(model.graph, path.parent)
+    _check_external_data(model, path)
+    mapped = [v.const_value for v in model.graph.initializers.values()
+              if isinstance(v.const_value, ir.ExternalTensor)]
+    if mapped:
+        model.graph.meta[MAPPED_KEY] = mapped
+    return model
+
+
+def release_array_pages(array: np.ndarray) -> None:
+    """Drop the resident pages under ``array`` when it is a view of a read-only memory map
+    (an external-data weight: ``ExternalTensor.numpy()``); anything else is left alone. Passes
+    that read every weight once call it after each, so that only one float weight at a time is
+    resident."""
+    raw = array
+    while isinstance(raw, (np.ndarray, memoryview)):
+        raw = raw.base if isinstance(raw, np.ndarray) else raw.obj
+    if not isinstance(raw, mmap.mmap) or raw.closed or len(raw) == 0 or array.size == 0:
+        return
+    start_address = np.frombuffer(raw, np.uint8, count=1).__array_interface__["data"][0]
+    low, high = np.lib.array_utils.byte_bounds(array)
+    start = (low - start_address) // mmap.PAGESIZE * mmap.PAGESIZE
+    end = min(high - start_address, len(raw))
+    if 0 <= start < end:
+        raw.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+def release_mapped_pages(model: ir.Model) -> None:
+    """Drop the resident pages of the input's memory-mapped weights (file-backed, read-only:
+    the data stays valid and is read back from the page cache if touched again). Called
+    between passes, so that a pass that reads every weight once does not leave the whole
+    float model in the process's memory for the rest of the compile."""
+    for tensor in model.graph.meta.get(MAPPED_KEY, ()):
+        raw = getattr(tensor, "raw", None)
+        if raw is None or raw.closed:
+            continue
+        start = (tensor.offset or 0) // mmap.PAGESIZE * mmap.PAGESIZE
+        end = min((tensor.offset or 0) + tensor.nbytes, len(raw))
+        if end > start:
+            raw.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+def _check_proto(proto: onnx.ModelProto, path: Path) -> None:
+    """Opset range, the ONNX checker and graph outputs (see ``load_model``)."""
+    opsets = {o.domain or "": o.version for o in proto.opset_import}
+    if "" not in opsets and "ai.onnx" not in opsets:
+        raise QCompileError(f"{path} imports no standard ONNX opset; it is not a usable ONNX model")
+    opset = opsets.get("", opsets.get("ai.onnx", 0))
     if opset < MIN_OPSET:
         raise QCompileError(
             f"{path} uses opset {opset}; qcompile needs opset ≥ {MIN_OPSET} "
             "(convert it with onnx.version_converter.convert_version)"
         )
-    return model
+    if opset > MAX_OPSET:
+        raise QCompileError(
+            f"{path} uses opset {opset}, newer than ONNX Runtime runs (≤ {MAX_OPSET}); "
+            f"convert it to opset {MAX_OPSET} with onnx.version_converter.convert_version"
+        )
+    try:
+        # By path: external data files are resolved beside the model (the proto in memory
+        # holds only their names).
+        onnx.checker.check_model(os.fspath(path))
+    except Exception as exc:  # ValidationError, or the C++ side's other types on odd protos
+        message = first_line(exc)
+        if "topologically sorted" not in message:
+            raise QCompileError(f"{path} is not a valid ONNX model: {message} (fix or re-export it)") from exc
+        _check_dataflow(proto.graph, path)  # raises on a cycle or an undefined input
+        _sort_nodes(proto.graph)
+        if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+            try:  # the rest of the checks, on the sorted graph
+                onnx.checker.check_model(proto)
+            except Exception as exc2:
+                raise QCompileError(
+                    f"{path} is not a valid ONNX model: {first_line(exc2)} (fix or re-export it)") from exc2
+    if not proto.graph.output:
+        raise QCompileError(f"{path} has no graph outputs: there is nothing to compute")
 
 
-def save_model(
-    model: ir.Model, path: str | os.PathLike, external_threshold: int = EXTERNAL_DATA_THRESHOLD
-) -> Path:
+def _check_dataflow(graph: onnx.GraphProto, path: Path) -> None:
+    """Every node input is defined (graph input, initializer, node output) and no node depends
+    on itself through a cycle."""
+    defined = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {""}
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    for node in graph.node:
+        for name in node.input:
+            if name not in defined and name not in producer:
+                raise QCompileError(
+                    f"{path}: node {node.name or node.op_type!r} reads {name!r}, which no node, graph "
+                    "input or initializer defines (fix or re-export the model)")
+    if _topological_order(graph) is None:
+        raise QCompileError(f"{path}: the graph has a cycle (a node depends on its own output); "
+                            "fix or re-export the model")
+
+
+def _topological_order(graph: onnx.GraphProto) -> list[int] | None:
+    """Node indices in a dependency order (Kahn, stable), or None when there is a cycle."""
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+    deps = [{producer[n] for n in node.input if n in producer} for node in graph.node]
+    readers: dict[int, list[int]] = {}
+    for i, d in enumerate(deps):
+        for j in d:
+            readers.setdefault(j, []).append(i)
+    pending = [len(d) for d in deps]
+    ready = [i for i, n in enumerate(pending) if n == 0]
+    order: list[int] = []
+    while ready:
+        i = ready.pop(0)
+        order.append(i)
+        for r in readers.get(i, []):
+            pending[r] -= 1
+            if pending[r] == 0:
+                ready.append(r)
+    return order if len(order) == len(graph.node) else None
+
+
+def _sort_nodes(graph: onnx.GraphProto) -> None:
+    order = _topological_order(graph)
+    nodes = [graph.node[i] for i in order]
+    copies = [onnx.NodeProto() for _ in nodes]
+    for copy, node in zip(copies, nodes):
+        copy.CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
+def _check_external_data(model: ir.Model, path: Path) -> None:
+    """Each external tensor's file exists and is long enough (its bytes are read lazily)."""
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        file = Path(tensor.base_dir) / tensor.location
+        if not file.is_file():
+            raise QCompileError(f"{path}: the external data file {tensor.location!r} of "
+                                f"{value.name!r} is missing; keep it beside the model")
+        end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+        if file.stat().st_size < end:
+            raise QCompileError(f"{path}: the external data file {tensor.location!r} is shorter than "
+                                f"{value.name!r} needs ({file.stat().st_size} < {end} bytes); it is truncated")
+
+
+def save_model(model: ir.Model, path: str | os.PathLike, external_threshold: int | None = None) -> Path:
     """Write ``model`` atomically: into a temporary folder beside ``path``, then rename.
 
-    Weights go to ``<name>.data`` when they exceed ``external_threshold`` bytes. A reader
-    never sees a half-written file, and an interrupted save leaves nothing behind.
+    Weights go to ``<name>.data`` when they exceed ``external_threshold`` bytes (default:
+    ``EXTERNAL_DATA_THRESHOLD``, read at call time), so no protobuf over 2 GB is ever built,
+    or when the input had external data. A
+    reader never sees a half-written file, and an interrupted save leaves nothing behind (the
+    temporary folder is removed on any exception, KeyboardInterrupt included).
     """
     path = Path(path)
-    if not path.parent.exists():
-        raise QCompileError(f"output folder does not exist: {path.parent}")
-    external = initializer_bytes(model) > external_threshold
+    check_writable_folder(path.parent)
+    threshold = EXTERNAL_DATA_THRESHOLD if external_threshold is None else external_threshold
+    # A weight still read lazily from the input's data file is copied into the output's own
+    # (saved inline it would keep pointing at the input's file, by a relative path).
+    lazy = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+    # An input with external data gives an output with external data: no inline protobuf (and
+    # its serialized copy) is built in memory.
+    external = lazy or MAPPED_KEY in model.graph.meta or initializer_bytes(model) > threshold
+    data_name = path.name + ".data"
+    for file in external_files(model):
+        if file.resolve() in ((path.parent / data_name).resolve(), path.resolve()):
+            raise QCompileError(f"writing {path} would replace the input's external data file {file}; "
+                                "choose another -o name")
     with tempfile.TemporaryDirectory(prefix=".qcompile-", dir=path.parent) as tmp:
         staged = Path(tmp) / path.name
-        data_name = path.name + ".data"
         ir.save(model, staged, external_data=data_name if external else None)
         if external:
             os.replace(Path(tmp) / data_name, path.parent / data_name)
         os.replace(staged, path)
     return path
+
+
+def external_files(model: ir.Model) -> set[Path]:
+    """The external data files the model's initializers are read from."""
+    return {Path(v.const_value.base_dir) / v.const_value.location
+            for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)}
+
+
+# Domains whose ops the pipeline knows or ONNX Runtime runs; nodes of any other domain are
+# custom ops: compiled around, never changed.
+KNOWN_DOMAINS = ("", "ai.onnx", "com.microsoft", "ai.onnx.ml")
+
+
+def unusual_input_notes(model: ir.Model) -> list[str]:
+    """What a compile will leave untouched in ``model``, said in one line each (custom ops)."""
+    custom = sorted({f"{n.domain}.{n.op_type}" for n in model.graph if n.domain not in KNOWN_DOMAINS})
+    if not custom:
+        return []
+    return [f"custom ops left as they are (qcompile does not know them): {', '.join(custom)}"]
+
+
+def check_writable_folder(folder: Path) -> None:
+    """A one-line error unless ``folder`` exists and a file can be created in it."""
+    if not folder.exists():
+        raise QCompileError(f"output folder does not exist: {folder}")
+    if not folder.is_dir():
+        raise QCompileError(f"the output's parent is not a folder: {folder}")
+    try:
+        with tempfile.TemporaryFile(prefix=".qcompile-", dir=folder):
+            pass
+    except OSError as exc:
+        raise QCompileError(f"cannot write in the output folder {folder} ({exc.strerror or exc}); "
+                            "choose another -o path") from exc
 
 
 def initializer_bytes(model: ir.Model) -> int:

@@ -36,9 +36,25 @@ Weight-only (``weight_only_passes``: ``--w4a16``, ``--w8a16``)::
     quantize weight-only    rtn | gptq (layers in order on the partly quantized model's
                             activations) | kmeans: a PackedWeight per MatMul
     quantize embeddings     large Gather tables as int8 rows
-    emit                    ort-cpu/ort-cuda: com.microsoft MatMulNBits; qdq: opset-21
+    emit                    ort-cpu: com.microsoft MatMulNBits; ort-cuda: qcompile Int4MatMul
+                            (custom op, else MatMulNBits); qdq: opset-21
                             blocked DequantizeLinear with INT4/UINT4 weights
     clean up
+
+FP8 (``fp8_passes``: ``--fp8``)::
+
+    upgrade opset           to 19 if lower (float8 Q/DQ)
+    canonicalize, select targets (MatMul/Gemm with constant weights; attention stays float)
+    calibrate               the weighted ops' activation inputs (placement "weighted")
+    quantize fp8 weights    E4M3 behind DequantizeLinear, per channel (per tensor: ort-cuda),
+                            rounded by GPTQ on the calibration Hessians; the LM head stays float
+    insert fp8 Q/DQ         static per-tensor scales amax/448 (minmax or mse on the fp8 grid)
+    quantize embeddings, clean up
+    emit GemmFloat8         ort-cuda only: com.microsoft GemmFloat8, TN layout (transB=1)
+
+KV cache (``kv_cache_passes``: ``--kv-cache int8|fp8``, alone or after a recipe)::
+
+    canonicalize, quantize KV cache (past/present 8-bit + float16 per-token scales), clean up
 
 Every pass runs inside ``Measured``, which records what it changed (op types added/removed,
 time); ``plan`` runs the same list on an in-memory copy with placeholder statistics in place of
@@ -68,21 +84,29 @@ from passes.dynamic_activations import LowerDynamicActivationsPass
 from passes.insert_static_qdq import InsertStaticQDQPass
 from passes.emit_dequantize_linear import EmitDequantizeLinearPass
 from passes.emit_matmulnbits import EmitMatMulNBitsPass
+from passes.emit_custom_ops import EmitInt4MatMulPass
+from passes.llm_int8 import LLMInt8Pass
 from passes.integer_ops import FuseIntegerOpsPass
 from passes.keep_grid import KeepGridPass
+from passes.keep_sensitive_float import KeepSensitiveFloatPass
 from passes.move_qdq import MoveQDQPass
 from passes.precompute_bias import PrecomputeBiasPass
 from passes.quantize_embeddings import QuantizeEmbeddingsPass
 from passes.quantize_weight_only import QuantizeWeightOnlyPass, weight_format
 from passes.quantize_weights import QuantizeWeightsPass
+from passes.emit_gemm_float8 import EmitGemmFloat8Pass
+from passes.quantize_fp8 import FP8CalibratePass, InsertFP8QDQPass, QuantizeFP8WeightsPass
+from passes.quantize_kv_cache import QuantizeKVCachePass
+from passes.upgrade_opset import UpgradeOpsetPass
 from passes.select_targets import SelectTargetsPass, targets
 from passes.smoothquant import SmoothQuantPass, groups
 from qcompiler import ir_utils, verify
 from qcompiler.calib_data import CalibrationInput
 from qcompiler.calibration import FeedSource
-from qcompiler.config import W8A8Config, WeightOnlyConfig
+from qcompiler.config import FP8Config, Int8MixedConfig, KVCacheConfig, W8A8Config, WeightOnlyConfig
 from qcompiler.errors import QCompileError
 from qcompiler.ranges import TensorStats
+from runtime import custom_ops
 
 
 def w8a8_passes(
@@ -109,7 +133,29 @@ def weight_only_passes(
     passes.append(QuantizeWeightOnlyPass(config, method, feeds, progress))
     if config.quantize_embeddings:
         passes.append(QuantizeEmbeddingsPass())
-    passes.append(EmitDequantizeLinearPass() if config.target == "qdq" else EmitMatMulNBitsPass())
+    if config.target == "qdq":
+        passes.append(EmitDequantizeLinearPass())
+    else:  # ort-cuda: qcompile's Int4MatMul where it applies (and the library is built)
+        passes.append(EmitInt4MatMulPass() if config.target == "ort-cuda" else EmitMatMulNBitsPass())
+    passes.append(CleanupPass())
+    return passes
+
+
+def int8_mixed_passes(
+    config: Int8MixedConfig, feeds: FeedSource | None, progress: bool = True
+) -> list[ir.passes.PassBase]:
+    """LLM.int8() (``--int8-mixed``): outlier channels per layer from calibration, then one
+    MixedInt8MatMul (ort-cuda, library built) or its graph form per MatMul."""
+    custom_op = config.target == "ort-cuda" and custom_ops.available()
+    passes: list[ir.passes.PassBase] = [
+        CanonicalizePass(),
+        SelectTargetsPass(config.op_types, config.exclude),
+        LLMInt8Pass(feeds, config.error_target, config.max_outlier_fraction, custom_op=custom_op,
+                    integer_to_float=config.target != "qdq", calibration=config.calibration,
+                    progress=progress),
+    ]
+    if config.quantize_embeddings:
+        passes.append(QuantizeEmbeddingsPass())
     passes.append(CleanupPass())
     return passes
 
@@ -118,12 +164,45 @@ def quantization_passes(config, feeds: FeedSource | None, progress: bool = True)
     """The recipe's passes up to (and for weight-only, including) emission."""
     if isinstance(config, WeightOnlyConfig):
         return weight_only_passes(config, feeds, progress)
+    if isinstance(config, FP8Config):
+        return fp8_passes(config, feeds, progress)
+    if isinstance(config, KVCacheConfig):
+        return kv_cache_passes(config)
+    if isinstance(config, Int8MixedConfig):
+        return int8_mixed_passes(config, feeds, progress)
     return qdq_passes(config, feeds, progress)
+
+
+def fp8_passes(config: FP8Config, feeds: FeedSource | None, progress: bool = True) -> list[ir.passes.PassBase]:
+    """FP8 E4M3 Q/DQ with calibrated activation scales; ort-cuda: GemmFloat8."""
+    if feeds is None:
+        raise QCompileError("--fp8 uses static activation scales: pass --calib-data or --calib-text")
+    passes: list[ir.passes.PassBase] = [
+        UpgradeOpsetPass(19),
+        CanonicalizePass(),
+        SelectTargetsPass(config.op_types, config.exclude),
+        # Calibrate the float model before any rewrite; only the weighted ops' inputs (+ Hessians).
+        FP8CalibratePass(feeds, config.calibration, progress, hessians=config.method == "gptq"),
+        QuantizeFP8WeightsPass(config.per_channel, config.lm_head, gptq=config.method == "gptq"),
+        # Reads the fp8 weights' marks left by the previous pass.
+        InsertFP8QDQPass(config.calibration.method),
+    ]
+    if config.quantize_embeddings:
+        passes.append(QuantizeEmbeddingsPass())
+    passes.append(CleanupPass())
+    if config.target == "ort-cuda":
+        passes += [EmitGemmFloat8Pass(), CleanupPass()]
+    return passes
+
+
+def kv_cache_passes(config: KVCacheConfig) -> list[ir.passes.PassBase]:
+    """The decoder's past/present key/values stored in 8 bits (``passes.quantize_kv_cache``)."""
+    return [CanonicalizePass(), QuantizeKVCachePass(config.dtype), CleanupPass()]
 
 
 def lowering_passes(config: W8A8Config | WeightOnlyConfig) -> list[ir.passes.PassBase]:
     """From the QDQ model to the target's kernels (nothing for ``qdq`` and ``ort-cuda``)."""
-    if isinstance(config, WeightOnlyConfig):
+    if isinstance(config, (WeightOnlyConfig, FP8Config, KVCacheConfig, Int8MixedConfig)):
         return []  # emitted for the target directly
     if config.target != "ort-cpu" or config.activations != "static":
         return []  # the dynamic schemes are lowered as they are inserted
@@ -168,6 +247,12 @@ def qdq_passes(
             BiasCorrectionPass(),
             InsertStaticQDQPass(config.calibration, config.placement),
         ]
+        if config.accuracy_target is not None:
+            # Before clean-up: puts layers back in float from the float weights and biases
+            # that the Q/DQ model still holds.
+            passes.append(KeepSensitiveFloatPass(
+                config.accuracy_target, feeds, config.sensitivity_samples, config.max_float_fraction,
+                progress=progress))
     else:
         passes += [
             QuantizeWeightsPass(),
@@ -227,6 +312,7 @@ class Measured(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         before, start = _op_counts(model), time.perf_counter()
         result = self.inner(model)
+        ir_utils.release_mapped_pages(model)  # the float weights it read need not stay resident
         after = _op_counts(model)
         self.reports.append(
             PassReport(
@@ -270,6 +356,7 @@ class CompileResult:
     input_bytes: int
     output_bytes: int
     verification: verify.Verification | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)  # unusual input, left as it was
 
 
 def compile_model(
@@ -280,6 +367,7 @@ def compile_model(
     calibration: CalibrationInput | None = None,
     progress: bool = True,
     verify_samples: int = 0,
+    kv_cache: KVCacheConfig | None = None,
 ) -> CompileResult:
     """Compile ``model_path`` with ``config`` and write ``output_path`` atomically.
 
@@ -292,13 +380,19 @@ def compile_model(
     _check_paths(model_path, output_path)
     start = time.perf_counter()
     model = ir_utils.load_model(model_path)
+    notes = ir_utils.unusual_input_notes(model)
     digest = None
     if calibration is not None:
         feeds, digest = calibration.source(model), calibration.digest()
     if verify_samples and feeds is None:
         raise QCompileError("--verify runs calibration samples: pass --calib-data or --calib-text")
     passes = quantization_passes(config, feeds, progress)
+    if kv_cache is not None and not isinstance(config, KVCacheConfig):
+        passes += kv_cache_passes(kv_cache)  # after the recipe: its calibration saw the float cache
     reports = run_passes(model, passes)
+    if not isinstance(config, KVCacheConfig) and not any(
+            r.name == "SelectTargetsPass" and r.modified for r in reports):
+        notes.append("no MatMul/Gemm/Conv with a constant weight: no weighted op was quantized")
     lowering = lowering_passes(config)
     qdq = verify.snapshot(model) if verify_samples and lowering else None
     reports += run_passes(model, lowering)
@@ -321,6 +415,7 @@ def compile_model(
         input_bytes=model_file_bytes(model_path),
         output_bytes=model_file_bytes(output_path),
         verification=verification,
+        notes=notes,
     )
 
 
@@ -331,9 +426,12 @@ def plan(model_path: str | Path, config: W8A8Config | WeightOnlyConfig) -> list[
     if isinstance(config, WeightOnlyConfig):
         preview = dataclasses.replace(config, method="rtn", act_order=False)
         return run_passes(model, weight_only_passes(preview, feeds=None, progress=False))
-    passes = w8a8_passes(config, feeds=lambda: (), progress=False)
-    replacements = {CalibratePass: lambda p: PlanCalibratePass(config.placement),
-                    SmoothQuantPass: lambda p: PlanSmoothQuantPass()}
+    passes = w8a8_passes(config, feeds=lambda: (), progress=False) if isinstance(config, W8A8Config) \
+        else quantization_passes(config, feeds=lambda: (), progress=False)
+    replacements = {CalibratePass: lambda p: PlanCalibratePass(p.placement),
+                    FP8CalibratePass: lambda p: PlanCalibratePass("weighted"),
+                    SmoothQuantPass: lambda p: PlanSmoothQuantPass(),
+                    KeepSensitiveFloatPass: lambda p: PlanKeepSensitiveFloatPass(p)}
     passes = [replacements.get(type(p), lambda p: p)(p) for p in passes]
     return run_passes(model, passes)
 
@@ -347,6 +445,22 @@ class PlanSmoothQuantPass(ir.passes.InPlacePass):
         kinds = collections.Counter(g.absorber.kind.split(" ")[0] if g.absorber else "no absorber" for g in found)
         self.summary = f"{len(found)} groups could be smoothed (" + ", ".join(
             f"{n} {kind}" for kind, n in sorted(kinds.items())) + ")"
+        return ir.passes.PassResult(model, modified=False)
+
+
+class PlanKeepSensitiveFloatPass(ir.passes.InPlacePass):
+    """Stands in for the accuracy-target search in ``plan``: how many layers it may keep in
+    float (the search needs calibration data); changes nothing."""
+
+    def __init__(self, search: KeepSensitiveFloatPass) -> None:
+        super().__init__()
+        self.search = search
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        count = len(targets(model))
+        cap = int(self.search.max_float_fraction * count)
+        self.summary = (f"would keep at most {cap} of {count} layers in float to meet "
+                        f"{self.search.objective.kind} target {self.search.objective.bound:g} (measured at compile)")
         return ir.passes.PassResult(model, modified=False)
 
 
@@ -400,6 +514,7 @@ def _check_paths(model_path: Path, output_path: Path) -> None:
         raise QCompileError(f"the output path must end in .onnx: {output_path}")
     if output_path.is_dir():
         raise QCompileError(f"the output path is a folder: {output_path}")
+    ir_utils.check_writable_folder(output_path.parent)  # before any work, not after it
 
 
 def model_file_bytes(path: Path) -> int:

@@ -7,6 +7,7 @@ import os
 import onnxruntime as ort
 
 from qcompiler.errors import QCompileError, first_line
+from runtime import custom_ops, float8
 
 CPU = "CPUExecutionProvider"
 
@@ -35,9 +36,13 @@ def create_session(
 ) -> ort.InferenceSession:
     """An InferenceSession, or a QCompileError saying why ONNX Runtime refused the model."""
     source = model if isinstance(model, bytes) else os.fspath(model)
+    options = session_options(threads, optimize)
+    readable = isinstance(source, bytes) or os.path.isfile(source)
+    if readable and custom_ops.imports_domain(source):  # qcompile's own ops: load the library
+        custom_ops.register(options, cuda="CUDAExecutionProvider" in providers)
+    if optimize and readable and float8.marked(source):  # ORT's QDQ fusions break float8 Q/DQ
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     try:
-        return ort.InferenceSession(
-            source, sess_options=session_options(threads, optimize), providers=list(providers)
-        )
+        return ort.InferenceSession(source, sess_options=options, providers=list(providers))
     except Exception as exc:
         raise QCompileError(f"ONNX Runtime cannot load the model: {first_line(exc)}") from exc

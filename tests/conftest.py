@@ -15,3 +15,14 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "slow" in item.keywords:
                 item.add_marker(skip)
+    if "CUDAExecutionProvider" not in _providers():
+        skip_gpu = pytest.mark.skip(reason="gpu: ONNX Runtime's CUDA provider is not available")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip_gpu)
+
+
+def _providers() -> list[str]:
+    import onnxruntime
+
+    return onnxruntime.get_available_providers()

@@ -340,3 +340,23 @@ def test_smollm2_w4a16_g128_requantized_perplexity(tmp_path):
     _compile([float_path, "--w4a16", "--no-keep-grid", "--calib-data", calib, "-o", out])
     result = _eval(float_path, out, "lm", tmp_path, "--limit", "16")
     assert result["metrics"]["perplexity ratio"] <= 1.15
+
+
+def test_minilm_diff_lists_every_quantized_matmul_once(minilm, minilm_calib, tmp_path):
+    """diff float → static W8A8: each of the 36 weighted MatMuls once, each compared at a value
+    both models make; with itself: no change."""
+    from qcompiler import diff, inspect_model
+
+    out = tmp_path / "minilm.static.onnx"
+    _compile([minilm, "--w8a8", "--calib-data", minilm_calib, "--max-calib-samples", "16", "-o", out])
+    report = diff.diff_models(minilm, out)
+    weighted = [n.name for n in inspect_model.weighted_ops(inspect_model.load_graph_only(minilm))]
+    assert len(weighted) == 36
+    assert sorted(q.node for q in report.quantized) == sorted(weighted)
+    assert all(q.scheme.startswith("MatMulIntegerToFloat: int8") and q.compare_at for q in report.quantized)
+    assert diff.diff_models(minilm, minilm).unchanged
+    json_path = tmp_path / "diff.json"
+    assert main(["diff", str(minilm), str(out), "--data", str(minilm_calib), "--limit", "2", "--json", str(json_path)]) == 0
+    layers = json.loads(json_path.read_text())["numeric"]["layers"]
+    sqnr = [float(r["sqnr_db"]) for r in layers]
+    assert len(layers) == 36 and min(sqnr) > 0 and np.median(sqnr) > 10  # values matched wrongly: ≤ 0 dB

@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+
+from passes.emit_custom_ops import EmitInt4MatMulPass
 from onnx import TensorProto, helper
 
 from passes.emit_dequantize_linear import EmitDequantizeLinearPass
@@ -294,7 +296,7 @@ def test_weight_only_pass_lists():
     # the grid is recognised before AWQ may rescale anything
     names = _names(weight_only_passes(WeightOnlyConfig(method="awq"), _feeds))
     assert names.index("KeepGridPass") < names.index("AWQPass") < names.index("QuantizeWeightOnlyPass")
-    assert isinstance(weight_only_passes(WeightOnlyConfig(target="ort-cuda"), None)[-2], EmitMatMulNBitsPass)
+    assert isinstance(weight_only_passes(WeightOnlyConfig(target="ort-cuda"), None)[-2], EmitInt4MatMulPass)
     assert isinstance(weight_only_passes(WeightOnlyConfig(target="qdq"), None)[-2], EmitDequantizeLinearPass)
 
 

@@ -1,0 +1,132 @@
+"""Sensitivity benchmark: does `qcompile diff --data` rank the layers that matter, and does
+`--max-ppl-increase` meet its target on held-apart data?
+
+SmolLM2-135M, W8A8 with static per-tensor activations (16 calibration windows × 512 tokens;
+perplexity on 16 held-apart windows × 512 tokens; ONNX Runtime CPU, 2 threads):
+
+1. Without SmoothQuant: rank the quantized layers by `diff --data` (SQNR at each layer's
+   output, 4 calibration windows), then compile again with the top-k layers kept in float and
+   with k random layers kept in float (two seeds), k = 5, 10, 21 (21 = 10% of 211 MatMuls).
+2. `--max-ppl-increase 1` with SmoothQuant (α = 0.8) and without it (cap raised to 50%): how
+   many layers it keeps in float, and the held-apart perplexity.
+
+Writes ``bench/results/sensitivity.{json,md}``.
+
+    python bench/sensitivity.py [--ks 5 10 21] [--work out/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import w8a8 as base  # noqa: E402
+
+import models  # noqa: E402
+import models.data  # noqa: E402
+
+from qcompiler import diff, eval_data, evaluate  # noqa: E402
+from qcompiler.config import W8A8Config  # noqa: E402
+from qcompiler.pipeline import compile_model  # noqa: E402
+from qcompiler.sensitivity import Objective  # noqa: E402
+from runtime.session import create_session  # noqa: E402
+
+CALIB_WINDOWS = 16
+RANK_WINDOWS = 4
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ks", type=int, nargs="+", default=[5, 10, 21])
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=base.ROOT / "out" / "bench")
+    parser.add_argument("--results", type=Path, default=base.ROOT / "bench" / "results")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    float_path = models.export("smollm2").onnx_path
+    calib = models.data.model_feeds("smollm2", "calib", CALIB_WINDOWS)
+    held = eval_data.default_eval_data("lm").feeds
+    state = {"machine": base.machine(), "rows": [], "ranking": []}
+
+    def ppl(path: Path) -> float:
+        return evaluate.perplexity(create_session(path, threads=base.THREADS), held)
+
+    float_ppl = ppl(float_path)
+
+    def record(label: str, path: Path, seconds: float, **extra) -> None:
+        value = ppl(path)
+        state["rows"].append({"variant": label, "perplexity": value, "ratio": value / float_ppl,
+                              "compile_s": round(seconds, 1), **extra})
+        print(f"{label:<55} ppl {value:.3f}  ×{value / float_ppl:.4f}  {extra}", flush=True)
+        (args.results / "sensitivity.json").write_text(json.dumps(state, indent=2, default=float))
+        (args.results / "sensitivity.md").write_text(markdown(state, float_ppl))
+
+    def build(label: str, config: W8A8Config, **extra) -> Path:
+        path = args.work / f"smollm2.sens.{label.replace(' ', '_').replace('/', '')}.onnx"
+        start = time.perf_counter()
+        compile_model(float_path, path, config, feeds=lambda: iter(calib), progress=False)
+        record(label, path, time.perf_counter() - start, **extra)
+        return path
+
+    plain = W8A8Config(activations="static", smoothquant=False)
+    base_path = build("static, no SmoothQuant", plain)
+    report = diff.diff_models(float_path, base_path)
+    rows, _ = diff.numeric_diff(report, itertools.islice(iter(calib), RANK_WINDOWS), base.THREADS)
+    state["ranking"] = [{"node": r.node, "layer": r.layer, "own_sqnr_db": r.local_sqnr_db, "sqnr_db": r.sqnr_db}
+                        for r in rows]
+    ranked = [r.node for r in rows]
+    for k in args.ks:
+        build(f"top-{k} by diff in float", W8A8Config(activations="static", smoothquant=False, exclude=tuple(ranked[:k])),
+              floated=k, layers=[r.layer for r in rows[:k]])
+        for seed in range(args.seeds):
+            chosen = random.Random(seed).sample(ranked, k)
+            build(f"random {k} in float (seed {seed})", W8A8Config(activations="static", smoothquant=False,
+                                                                  exclude=tuple(chosen)), floated=k)
+    for label, config in (
+        ("--max-ppl-increase 1, SmoothQuant α=0.8", W8A8Config(
+            activations="static", smoothquant_alpha=0.8, accuracy_target=Objective("ppl", 1.0))),
+        ("--max-ppl-increase 1, no SmoothQuant (cap 50%)", W8A8Config(
+            activations="static", smoothquant=False, accuracy_target=Objective("ppl", 1.0), max_float_fraction=0.5)),
+    ):
+        try:
+            path = build(label, config)
+        except Exception as exc:  # the target not met is a result too
+            state["rows"].append({"variant": label, "error": str(exc)})
+            print(f"{label}: {exc}", flush=True)
+            continue
+        decision = json.loads(dict((p.key, p.value) for p in __import__("onnx").load(
+            path, load_external_data=False).metadata_props)["qcompile.kept_float"])
+        state["rows"][-1]["floated"] = len(decision["kept_float"])
+        state["rows"][-1]["layers"] = [d["node"] for d in decision["kept_float"]]
+        state["rows"][-1]["calibration loss"] = decision["loss_by_count"]
+    (args.results / "sensitivity.json").write_text(json.dumps(state, indent=2, default=float))
+    (args.results / "sensitivity.md").write_text(markdown(state, float_ppl))
+    print(markdown(state, float_ppl))
+
+
+def markdown(state: dict, float_ppl: float) -> str:
+    lines = [f"# Sensitivity: SmolLM2-135M W8A8 static ({state['machine']})", "",
+             f"fp32 perplexity {float_ppl:.3f} on 16 held-apart windows × 512 tokens; "
+             f"{CALIB_WINDOWS} calibration windows; ranking by `diff --data` on {RANK_WINDOWS} of them.", "",
+             "| variant | layers in float | perplexity | ratio to fp32 | compile s |", "|---|---|---|---|---|"]
+    for row in state["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['variant']} | — | {row['error']} | | |")
+            continue
+        lines.append(f"| {row['variant']} | {row.get('floated', 0)} | {row['perplexity']:.3f} | "
+                     f"{row['ratio']:.4f} | {row['compile_s']} |")
+    if state["ranking"]:
+        lines += ["", "Worst 10 layers by `diff --data` (ranked by own SQNR; shown: SQNR accumulated at the "
+                  "layer's output):", ""]
+        lines += [f"- {r['layer']}: {r['sqnr_db']:.1f} dB" for r in state["ranking"][:10]]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""KeepSensitiveFloatPass on a two-layer MLP whose first layer reads an outlier channel."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from onnx import TensorProto, helper
+
+from graphs import make_model
+from passes.keep_sensitive_float import DECISION_KEY, KeepSensitiveFloatPass
+from qcompiler import pipeline
+from qcompiler.cli import main
+from qcompiler.config import W8A8Config
+from qcompiler.errors import QCompileError
+from qcompiler.sensitivity import Objective
+from runtime.session import create_session
+
+
+def mlp() -> onnx.ModelProto:
+    """x[B,S,32] → fc1 → Relu → fc2 → y. fc1 ignores input channel 5 (zero weights), whose
+    outliers still set its per-tensor activation range: quantized, fc1 loses its signal."""
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.2, (32, 48)).astype(np.float32)
+    w1[5] = 0.0
+    return make_model(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+         helper.make_node("Relu", ["h"], ["a"], name="relu"),
+         helper.make_node("MatMul", ["a", "w2"], ["y"], name="fc2")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", 16])],
+        {"w1": w1, "w2": rng.normal(0, 0.2, (48, 16)).astype(np.float32)})
+
+
+def _samples(n: int = 4) -> list[dict]:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(n, 1, 8, 32)).astype(np.float32)
+    x[..., 5] *= 300.0  # fc1's input: one channel ~300× the rest
+    return [{"x": s} for s in x]
+
+
+def _compile(tmp_path, objective, fraction=0.5):
+    src = tmp_path / "mlp.onnx"
+    onnx.save(mlp(), src)
+    config = W8A8Config(activations="static", smoothquant=False, accuracy_target=objective,
+                        max_float_fraction=fraction)
+    out = tmp_path / "mlp.mixed.onnx"
+    feeds = _samples()
+    pipeline.compile_model(src, out, config, feeds=lambda: iter(feeds), progress=False)
+    return src, out, feeds
+
+
+def _cosine(a, b):
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+
+
+def test_keeps_the_outlier_layer_in_float(tmp_path):
+    src, out, feeds = _compile(tmp_path, Objective("cosine", 0.9999))
+    model = onnx.load(out)
+    decision = __import__("json").loads({p.key: p.value for p in model.metadata_props}[DECISION_KEY])
+    assert [d["node"] for d in decision["kept_float"]] == ["fc1"]
+    fc1 = next(n for n in model.graph.node if n.name == "fc1")
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert fc1.op_type == "MatMul" and fc1.input[0] == "x"
+    np.testing.assert_array_equal(weights[fc1.input[1]], onnx.numpy_helper.to_array(mlp().graph.initializer[0]))
+    assert sum(n.op_type == "MatMulIntegerToFloat" for n in model.graph.node) == 1  # fc2 still int8
+    ref, got = create_session(str(src)), create_session(str(out))
+    cos = np.mean([_cosine(ref.run(None, f)[0], got.run(None, f)[0]) for f in feeds])
+    assert cos >= 0.9999
+
+
+def test_met_target_changes_nothing(tmp_path):
+    _, out, _ = _compile(tmp_path, Objective("cosine", 0.5))
+    model = onnx.load(out)
+    assert sum(n.op_type == "MatMulIntegerToFloat" for n in model.graph.node) == 2
+
+
+def test_unreachable_target_fails_with_one_line(tmp_path):
+    with pytest.raises(QCompileError, match="raise --max-float-fraction"):
+        _compile(tmp_path, Objective("cosine", 0.9999), fraction=0.0)
+
+
+def test_second_run_is_not_modified(tmp_path):
+    src = tmp_path / "mlp.onnx"
+    onnx.save(mlp(), src)
+    feeds = _samples()
+    config = W8A8Config(activations="static", smoothquant=False, accuracy_target=Objective("cosine", 0.9999),
+                        max_float_fraction=0.5)
+    model = ir.load(str(src))
+    passes = pipeline.quantization_passes(config, lambda: iter(feeds), progress=False)
+    pipeline.run_passes(model, passes)
+    keep = next(p for p in passes if isinstance(p, KeepSensitiveFloatPass))
+    assert keep.decision.kept_float == ["fc1"]
+    assert not keep(model).modified
+
+
+def test_cli_flags(tmp_path, capsys):
+    src = tmp_path / "mlp.onnx"
+    onnx.save(mlp(), src)
+    np.savez(tmp_path / "c.npz", x=np.stack([f["x"] for f in _samples()]))
+    out = tmp_path / "o.onnx"
+    assert main([str(src), "--w8a8", "--calib-data", str(tmp_path / "c.npz"), "--no-smoothquant",
+                 "--min-cosine", "0.9999", "--max-float-fraction", "0.5", "-o", str(out), "--quiet"]) == 0
+    assert main(["plan", str(src), "--w8a8", "--calib-data", str(tmp_path / "c.npz"), "--min-cosine", "0.9",
+                 "--max-float-fraction", "0.5"]) == 0
+    assert "would keep at most 1 of 2 layers in float" in capsys.readouterr().out
+    assert main([str(src), "--w8a8", "--max-ppl-increase", "1", "-o", str(out)]) == 2
+    assert main([str(src), "--w8a8", "--calib-data", str(tmp_path / "c.npz"), "--min-cosine", "0.9",
+                 "--min-top1-agreement", "0.9", "-o", str(out)]) == 2
+    assert main([str(src), "--w4a16", "--min-cosine", "0.9", "-o", str(out)]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 3 and all(e.startswith("qcompile: error:") for e in errors)

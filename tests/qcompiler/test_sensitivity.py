@@ -1,0 +1,90 @@
+"""The mixed-precision search and its objectives, against hand-computed numbers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from qcompiler import sensitivity as sens
+from qcompiler.errors import QCompileError
+
+
+def _additive(costs: dict[str, float], calls: list | None = None):
+    """loss(F) = Σ_{n ∉ F} costs[n]: each layer adds its own loss."""
+
+    def loss(in_float: frozenset[str]) -> float:
+        if calls is not None:
+            calls.append(in_float)
+        return sum(c for n, c in costs.items() if n not in in_float)
+
+    return loss
+
+
+def test_chooses_the_fewest_layers_by_ablation_not_by_rank():
+    costs = {"a": 0.004, "b": 0.0001, "c": 0.006, "d": 0.0002, "e": 0.0001}
+    # Ranking puts b first (lowest SQNR) but ablation shows c and a matter.
+    sqnr = {"b": 10.0, "c": 12.0, "a": 15.0, "d": 20.0, "e": 30.0}
+    decision = sens.choose_float_layers(sqnr, _additive(costs), sens.Objective("ppl", 0.1), cap=3, candidates=5)
+    assert decision.kept_float == ["c", "a"]
+    assert decision.final_loss == pytest.approx(0.0004)
+    assert decision.ablation_gain["c"] == pytest.approx(0.006)
+
+
+def test_nothing_kept_when_the_target_is_already_met():
+    calls = []
+    decision = sens.choose_float_layers({"a": 1.0}, _additive({"a": 0.001}, calls), sens.Objective("ppl", 1.0),
+                                        cap=1, candidates=1)
+    assert decision.kept_float == [] and calls == [frozenset()]
+
+
+def test_bisection_finds_the_shortest_prefix():
+    costs = {f"l{i}": 0.01 for i in range(20)}
+    sqnr = {n: float(i) for i, n in enumerate(costs)}
+    calls = []
+    decision = sens.choose_float_layers(sqnr, _additive(costs, calls), sens.Objective("ppl", 5.5), cap=20, candidates=20)
+    assert len(decision.kept_float) == 15  # 0.20 − 15·0.01 = 0.05 ≤ 0.055; 14 leaves 0.06
+    searched = [len(f) for f in calls if len(f) > 1]
+    assert len(searched) <= 8  # doubling then bisection, not a linear scan
+
+
+def test_cap_reached_is_a_clear_error():
+    costs = {f"l{i}": 0.01 for i in range(10)}
+    with pytest.raises(QCompileError, match=r"with the 2 most sensitive of 10 layers in float \(the cap\)"):
+        sens.choose_float_layers({n: 0.0 for n in costs}, _additive(costs), sens.Objective("ppl", 1.0),
+                                 cap=2, candidates=4)
+
+
+def test_perplexity_loss_matches_numpy():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 7, size=(1, 6))
+    float_logits, quant_logits = rng.normal(size=(1, 6, 7)), rng.normal(size=(1, 6, 7))
+
+    def nll(logits):
+        p = np.exp(logits[0, :-1]) / np.exp(logits[0, :-1]).sum(-1, keepdims=True)
+        return -np.mean(np.log(p[np.arange(5), ids[0, 1:]]))
+
+    scorer = sens.Scorer(sens.Objective("ppl", 1.0), [{"input_ids": ids}], [float_logits])
+    assert scorer.loss([quant_logits]) == pytest.approx(math.exp(nll(quant_logits)) / math.exp(nll(float_logits)) - 1)
+    assert scorer.loss([float_logits]) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cosine_pools_unmasked_tokens_and_top1_counts_agreement():
+    h = np.zeros((2, 3, 2))
+    h[0, :2] = [1.0, 0.0]
+    h[1, 0] = [0.0, 1.0]
+    mask = np.array([[1, 1, 0], [1, 0, 0]])
+    noisy = h.copy()
+    noisy[0, 2] = [0.0, 100.0]  # a masked position: ignored
+    noisy[1, 0] = [1.0, 1.0]
+    scorer = sens.Scorer(sens.Objective("cosine", 0.9), [{"attention_mask": mask}], [h])
+    assert scorer.loss([noisy]) == pytest.approx(1 - (1.0 + 1 / math.sqrt(2)) / 2)
+    top = sens.Scorer(sens.Objective("top1", 0.9), [{}], [np.array([[0.1, 0.9], [0.8, 0.2]])])
+    assert top.loss([np.array([[0.2, 0.8], [0.1, 0.9]])]) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("kind, bound", [("ppl", -1.0), ("cosine", 0.0), ("top1", 1.5), ("loss", 1.0)])
+def test_bad_objectives(kind, bound):
+    with pytest.raises(QCompileError):
+        sens.Objective(kind, bound)
