@@ -514,6 +514,9 @@ def models_data(name, split, output, count):
     one stacked file (equal shapes only), any other OUTPUT a folder of one .npz per sample."""
     models = _import_models()
     name = _model_name(models, name)
+    if name == "smollm2-decode":
+        raise QCompileError("smollm2-decode is fed by its decode loop (qcompiler.decode_eval); for "
+                            "calibration windows use: qcompile models data smollm2")
     feeds = models.data.model_feeds(name, split, count)
     try:
         written = models.data.save_feeds_npz(feeds, output)

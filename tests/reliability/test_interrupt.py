@@ -42,6 +42,9 @@ def test_signal_during_calibration_leaves_nothing(tmp_path, sig, code, name):
         [sys.executable, "-m", "qcompiler.cli", str(model), "--w8a8", "--calib-data", str(calib),
          "-o", str(out / "o.onnx"), "--quiet"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A shell running this suite in the background ignores SIGINT for its children, and a
+        # Python started with SIGINT ignored keeps ignoring it: restore the default first.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while not _ours(tmpdir) and proc.poll() is None and time.monotonic() < deadline:
