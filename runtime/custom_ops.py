@@ -72,44 +72,8 @@ def register(options, cuda: bool = False) -> None:
 
 
 def imports_domain(model: str | os.PathLike | bytes) -> bool:
-    """Whether a model (a path or serialized bytes) imports the ``qcompile`` domain. A file is
-    scanned, not parsed: only ``ModelProto.opset_import`` (field 8) is read, the graph and its
-    weights (field 7) are skipped by their length."""
-    if isinstance(model, bytes):
-        import io
+    """Whether a model (a path or serialized bytes) imports the ``qcompile`` domain, read from
+    the file's header (``runtime.model_header``) without parsing the graph."""
+    from runtime.model_header import read_header
 
-        return DOMAIN in _opset_domains(io.BytesIO(model))
-    with open(model, "rb") as stream:
-        return DOMAIN in _opset_domains(stream)
-
-
-def _opset_domains(stream) -> set[str]:
-    import onnx
-
-    def varint() -> int | None:
-        shift = result = 0
-        while True:
-            byte = stream.read(1)
-            if not byte:
-                return None
-            result |= (byte[0] & 0x7F) << shift
-            if byte[0] < 0x80:
-                return result
-            shift += 7
-
-    domains = set()
-    while (tag := varint()) is not None:
-        field, wire = tag >> 3, tag & 7
-        if wire == 0:
-            varint()
-        elif wire == 1 or wire == 5:
-            stream.seek(8 if wire == 1 else 4, 1)
-        elif wire == 2:
-            length = varint() or 0
-            if field == 8:
-                domains.add(onnx.OperatorSetIdProto.FromString(stream.read(length)).domain)
-            else:
-                stream.seek(length, 1)
-        else:  # not a protobuf we understand: let ONNX Runtime report it
-            break
-    return domains
+    return DOMAIN in read_header(model).domains
