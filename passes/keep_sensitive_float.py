@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 
 import numpy as np
 import onnx
@@ -103,15 +104,9 @@ class KeepSensitiveFloatPass(ir.passes.InPlacePass):
         for switch in switches:
             if switch.name in chosen:
                 _to_float(model.graph, switch)
-        model.metadata_props[DECISION_KEY] = _json(self.decision.as_dict())
+        model.metadata_props[DECISION_KEY] = json.dumps(self.decision.as_dict())
         self.summary = self.decision.summary()
         return ir.passes.PassResult(model, modified=bool(chosen))
-
-
-def _json(payload: dict) -> str:
-    import json
-
-    return json.dumps(payload)
 
 
 def _to_float(graph: ir.Graph, switch: _Switch) -> None:

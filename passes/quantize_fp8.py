@@ -63,34 +63,24 @@ class FP8CalibratePass(ir.passes.InPlacePass):
         self.summary = ""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        import tempfile
-        from pathlib import Path
-
         from tqdm import tqdm
 
-        from qcompiler.calibration import MASK_INPUT, valid_positions
+        from qcompiler.calibration import MASK_INPUT, observing, valid_positions
         from qcompiler.gptq import HessianAccumulator
         from qcompiler.ranges import TensorStats
-        from runtime.session import create_session
 
         values = activations_to_observe(model, "weighted")
         if not values:
             return ir.passes.PassResult(model, modified=False)
         stats = {v.name: TensorStats(channel_axis=-1) for v in values}
         hessians = {}
-        observed = [v for v in values if not v.is_graph_input()]
-        with tempfile.TemporaryDirectory(prefix="qcompile-fp8-calib-") as tmp:
-            path = Path(tmp) / "calibration.onnx"
-            with ir_utils.extra_outputs(model, observed):
-                ir.save(model, path, external_data="calibration.onnx.data")
-            session = create_session(path)
-            names = [v.name for v in observed]
-            samples = 0
+        samples = 0
+        with observing(model, values) as run:
             for feed in tqdm(self.feeds(), desc="calibrating", unit="sample", disable=not self.progress):
-                outputs = dict(zip(names, session.run(names, dict(feed))))
+                outputs = run(feed)
                 mask = feed.get(MASK_INPUT) if self.mask_padding else None
                 for v in values:
-                    x = valid_positions(outputs[v.name] if v.name in outputs else feed[v.name], mask)
+                    x = valid_positions(outputs[v.name], mask)
                     stats[v.name].update(x)
                     if self.hessians and x.size:
                         rows = x.reshape(-1, x.shape[-1])

@@ -12,9 +12,10 @@ the ranges of every layer.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -48,23 +49,16 @@ def collect_stats(
     ``channel_axes`` gives a value's channel axis (default: the last); ``keep_rows``: also
     sample that many rows of each (``TensorStats.rows``); ``histogram=False``: no histograms
     (no range method but min-max can be applied)."""
-    graph_inputs = {v.name for v in model.graph.inputs}
-    observed = [v for v in values if v.name not in graph_inputs]
     axes = channel_axes or {}
     stats = {v.name: TensorStats(channel_axis=axes.get(v.name, -1), keep_rows=keep_rows, histogram=histogram) for v in values}
-    with tempfile.TemporaryDirectory(prefix="qcompile-calib-") as tmp:
-        path = Path(tmp) / "calibration.onnx"
-        with ir_utils.extra_outputs(model, observed):
-            ir.save(model, path, external_data="calibration.onnx.data")
-        session = create_session(path)
-        names = [v.name for v in observed]
-        samples = 0
-        seen = dict.fromkeys(stats, 0)  # elements observed (finite or not)
+    samples = 0
+    seen = dict.fromkeys(stats, 0)  # elements observed (finite or not)
+    with observing(model, values) as run:
         for feed in tqdm(feeds, desc="calibrating", unit="sample", disable=not progress):
-            outputs = _run(session, names, feed)
+            outputs = run(feed)
             mask = feed.get(MASK_INPUT) if mask_padding else None
             for name in stats:
-                x = valid_positions(outputs[name] if name in outputs else feed[name], mask)
+                x = valid_positions(outputs[name], mask)
                 stats[name].update(x)
                 seen[name] += x.size
             samples += 1
@@ -81,13 +75,31 @@ def collect_stats(
     return stats
 
 
+@contextlib.contextmanager
+def observing(model: ir.Model, values: list[ir.Value]) -> Iterator[Callable[[Feed], dict[str, np.ndarray]]]:
+    """A session over the float model that returns ``values``: yields ``run(feed)`` →
+    {name: array}. The model is saved once to a temporary folder (external data, any size) with
+    the values made graph outputs; a graph input among ``values`` is read from the feed."""
+    inputs = {v.name for v in model.graph.inputs}
+    observed = [v for v in values if v.name not in inputs]
+    names = [v.name for v in observed]
+    with tempfile.TemporaryDirectory(prefix="qcompile-calib-") as tmp:
+        path = Path(tmp) / "calibration.onnx"
+        with ir_utils.extra_outputs(model, observed):
+            ir.save(model, path, external_data="calibration.onnx.data")
+        session = create_session(path)
+
+        def run(feed: Feed) -> dict[str, np.ndarray]:
+            outputs = _run(session, names, feed)
+            return {v.name: outputs[v.name] if v.name in outputs else feed[v.name] for v in values}
+
+        yield run
+
+
 def run_once(model: ir.Model, values: list[ir.Value], feed: Feed) -> dict[str, np.ndarray]:
     """The float model's ``values`` on one feed (a one-off session, any model size)."""
-    with tempfile.TemporaryDirectory(prefix="qcompile-probe-") as tmp:
-        path = Path(tmp) / "probe.onnx"
-        with ir_utils.extra_outputs(model, values):
-            ir.save(model, path, external_data="probe.onnx.data")
-        return _run(create_session(path), [v.name for v in values], feed)
+    with observing(model, values) as run:
+        return run(feed)
 
 
 def _run(session, names: list[str], feed: Feed) -> dict[str, np.ndarray]:

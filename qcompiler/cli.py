@@ -438,10 +438,10 @@ def diff_command(model_a, model_b, data, limit, top, threads, json_path, html_pa
     report = diff.diff_models(model_a, model_b)
     for line in diff.format_diff(report):
         click.echo(line)
-    payload, rows, outputs = report.as_dict(), None, None
+    payload, rows, outputs, inputs = report.as_dict(), None, None, {}
     if data is not None:
         feeds = calib_data.npz_source(data, calib_data.input_specs(load_model(model_a)))
-        rows, outputs = diff.numeric_diff(report, itertools.islice(feeds(), limit), threads)
+        rows, outputs = diff.numeric_diff(report, itertools.islice(feeds(), limit), threads, inputs)
         for line in diff.format_numeric(rows, outputs, top):
             click.echo(line)
         payload["numeric"] = {"outputs": outputs, "layers": [dataclasses.asdict(r) for r in rows]}
@@ -450,9 +450,7 @@ def diff_command(model_a, model_b, data, limit, top, threads, json_path, html_pa
     if html_path is not None:
         from qcompiler import report_html
 
-        histograms = None
-        if data is not None and rows:
-            histograms = report_html.activation_histograms(report, rows, itertools.islice(feeds(), 2), threads=threads)
+        histograms = report_html.activation_histograms(rows, inputs) if rows else None
         report_html.write(html_path, report, rows, outputs, show_layer, histograms)
         click.echo(f"wrote {html_path}")
 

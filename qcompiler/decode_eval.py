@@ -23,6 +23,7 @@ import onnxruntime as ort
 from onnx import TensorProto
 
 from qcompiler.errors import QCompileError
+from qcompiler.evaluate import token_nll
 from runtime.session import create_session
 
 PAST_PREFIX = "past_key_values."
@@ -95,9 +96,7 @@ def decode_perplexity(path, windows: Iterable[np.ndarray], threads: int = 2) -> 
             seconds += time.perf_counter() - start
             steps += 1
             cache = {name: result[i] for i, name in presents}
-            logits = result[logits_index].numpy()[0, -1].astype(np.float64)
-            peak = logits.max()
-            total_nll += float(np.log(np.exp(logits - peak).sum()) + peak - logits[ids[0, t + 1]])
+            total_nll += float(token_nll(result[logits_index].numpy()[0, -1], ids[0, t + 1]))
             total_tokens += 1
         count += 1
     return DecodeResult(

@@ -28,6 +28,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from qcompiler import inspect_model as im
@@ -330,17 +331,23 @@ class LayerError:
     local_sqnr_db: float | None = None
 
 
-def numeric_diff(d: ModelDiff, feeds, threads: int | None = None) -> tuple[list[LayerError], dict[str, dict]]:
+def numeric_diff(d: ModelDiff, feeds, threads: int | None = None, inputs: dict[str, np.ndarray] | None = None
+                 ) -> tuple[list[LayerError], dict[str, dict]]:
     """Per quantized layer, the error of B's value against A's at ``compare_at`` and the error
     the layer adds itself; worst own error first (accumulated where that is unknown); and the
-    error at each graph output."""
+    error at each graph output. ``inputs`` (a dict to fill, in the same run): node → sampled
+    values of the activation entering it in A."""
     from qcompiler import layer_error
 
     points = [q.compare_at for q in d.quantized if q.compare_at]
     a_full, b_full = onnx.load(d.a), onnx.load(d.b)
     probes = add_float_probes(b_full, a_full, d.quantized)
+    entering = {n.name: n.input[0] for n in a_full.graph.node if n.name in {q.node for q in d.quantized}}
+    samples: dict[str, list] | None = {v: [] for v in entering.values()} if inputs is not None else None
     stats, local = layer_error.compare(
-        a_full, b_full, points, feeds, threads, pairs={q: (q, p) for q, p in probes.items()})
+        a_full, b_full, points, feeds, threads, pairs={q: (q, p) for q, p in probes.items()}, samples=samples)
+    if inputs is not None:
+        inputs.update({node: np.concatenate(samples[v]) for node, v in entering.items() if samples[v]})
     rows = [LayerError(q.node, q.layer, q.compare_at, s.sqnr_db, s.cosine, s.max_abs,
                        local[q.compare_at].sqnr_db if q.compare_at in local else None)
             for q in d.quantized if q.compare_at and (s := stats.get(q.compare_at)) is not None]

@@ -110,19 +110,24 @@ def nearest_neighbour_agreement(ref: np.ndarray, got: np.ndarray) -> float:
     return float(np.mean(neighbours(ref) == neighbours(got)))
 
 
+def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """``−log softmax(logits)[target]`` at each position (float64): ``logits`` [..., V],
+    ``targets`` [...] (integer ids)."""
+    logits = np.asarray(logits, np.float64)
+    peak = logits.max(axis=-1, keepdims=True)
+    log_z = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[..., 0]
+    return log_z - np.take_along_axis(logits, np.asarray(targets)[..., None], axis=-1)[..., 0]
+
+
 def perplexity(session, windows: Iterable[Feed]) -> float:
     """``exp`` of the mean next-token negative log-likelihood over all windows."""
     output = session.get_outputs()[0].name
     total_nll, total_tokens = 0.0, 0
     for feed in windows:
-        logits = session.run([output], dict(feed))[0].astype(np.float64)
+        logits = session.run([output], dict(feed))[0]
         ids = feed["input_ids"]
-        logits, targets = logits[:, :-1], ids[:, 1:]
-        peak = logits.max(axis=-1, keepdims=True)
-        log_z = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[..., 0]
-        picked = np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        total_nll += float((log_z - picked).sum())
-        total_tokens += targets.size
+        total_nll += float(token_nll(logits[:, :-1], ids[:, 1:]).sum())
+        total_tokens += ids[:, 1:].size
     return math.exp(total_nll / max(total_tokens, 1))
 
 

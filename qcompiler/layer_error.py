@@ -85,22 +85,33 @@ def session_with_outputs(model: str | Path | onnx.ModelProto, names: list[str], 
             proto.graph.output.remove(value)
 
 
+SAMPLE_VALUES = 4096  # values of each sampled activation kept per feed
+
+
 def compare(model_a, model_b, points: list[str], feeds: Iterable[Feed], threads: int | None = None,
-            pairs: dict[str, tuple[str, str]] | None = None) -> tuple[dict[str, ErrorStats], dict[str, ErrorStats]]:
+            pairs: dict[str, tuple[str, str]] | None = None, samples: dict[str, list] | None = None,
+            ) -> tuple[dict[str, ErrorStats], dict[str, ErrorStats]]:
     """Error of B against A at each value in ``points`` and at every graph output of A; and,
-    for ``pairs`` (key → (test, reference) values both in B), the error between two values of B."""
-    pairs = pairs or {}
+    for ``pairs`` (key → (test, reference) values both in B), the error between two values of B.
+    ``samples`` (name → list, filled in the same run): up to ``SAMPLE_VALUES`` evenly strided
+    values per feed of each named value of A (for histograms)."""
+    pairs, samples = pairs or {}, samples if samples is not None else {}
     in_b = [n for pair in pairs.values() for n in pair]
-    a = session_with_outputs(model_a, points, threads)
+    a = session_with_outputs(model_a, [*points, *samples], threads)
     b = session_with_outputs(model_b, [*points, *in_b], threads)
-    outputs = [o.name for o in a.get_outputs()]
+    sampled_only = set(samples) - set(points)  # (an activation entering a layer is no graph output)
+    outputs = [o.name for o in a.get_outputs() if o.name not in sampled_only]
     names = list(dict.fromkeys([*points, *outputs]))
+    a_names = list(dict.fromkeys([*names, *samples]))
     stats = {n: ErrorStats() for n in names}
     local = {k: ErrorStats() for k in pairs}
     b_names = list(dict.fromkeys([*names, *in_b]))
     count = 0
     for feed in feeds:
-        ref = dict(zip(names, a.run(names, dict(feed))))
+        ref = dict(zip(a_names, a.run(a_names, dict(feed))))
+        for n, kept in samples.items():
+            flat = np.asarray(ref[n], np.float32).ravel()
+            kept.append(flat[:: max(1, flat.size // SAMPLE_VALUES)])
         got = dict(zip(b_names, b.run(b_names, dict(feed))))
         for n in names:
             _update(stats[n], ref[n], got[n])

@@ -176,25 +176,15 @@ def _draw(nodes: list[onnx.NodeProto]) -> str:
     return "".join(svg)
 
 
-def activation_histograms(d: ModelDiff, rows: list[LayerError], feeds, count: int = 3, bins: int = 64,
-                          threads: int | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Histograms, in model A, of the activation entering each of the ``count`` worst layers."""
-    from qcompiler.layer_error import session_with_outputs
-
-    a = onnx.load(d.a)
-    nodes = {n.name: n for n in a.graph.node}
-    names = list(dict.fromkeys(nodes[r.node].input[0] for r in rows[:count] if r.node in nodes))
-    if not names:
-        return {}
-    session = session_with_outputs(a, names, threads)
-    values: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for feed in feeds:
-        for name, v in zip(names, session.run(names, dict(feed))):
-            values[name].append(np.asarray(v, np.float32).ravel())
+def activation_histograms(rows: list[LayerError], inputs: dict[str, np.ndarray], count: int = 3,
+                          bins: int = 64) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Histograms of the activation entering each of the ``count`` worst layers, from the
+    values ``qcompiler.diff.numeric_diff`` sampled (keyed by the layer's label)."""
     found = {}
-    for name, chunks in values.items():
-        x = np.concatenate(chunks) if chunks else np.zeros(1, np.float32)
+    for r in rows[:count]:
+        x = inputs.get(r.node)
+        if x is None:
+            continue
         x = x[np.isfinite(x)]
-        counts, edges = np.histogram(x, bins=bins)
-        found[name] = (counts, edges)
+        found[r.layer] = np.histogram(x if x.size else np.zeros(1, np.float32), bins=bins)
     return found

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from qcompiler import quant_math as qm
 from qcompiler.errors import QCompileError
 
 OBJECTIVES = ("ppl", "cosine", "top1")
@@ -84,37 +85,30 @@ class Scorer:
             return math.exp(float(np.mean(got)) - self.float_nll) - 1.0
         if kind == "top1":
             return 1.0 - float(np.mean(np.concatenate([(a == b).ravel() for a, b in zip(self.reference, got)])))
-        cos = [_row_cosine(a, b) for a, b in zip(self.reference, got)]
+        cos = [qm.cosine(a, b, axis=1) for a, b in zip(self.reference, got)]
         return 1.0 - float(np.mean(np.concatenate(cos)))
 
 
 def mean_nll(logits: np.ndarray, feed: dict) -> float:
     """Mean next-token negative log-likelihood of ``input_ids`` under ``logits`` [B, S, V]
     (positions whose ``attention_mask`` is 0 left out)."""
+    from qcompiler.evaluate import token_nll
+
     ids = feed["input_ids"]
-    logits = logits[:, :-1].astype(np.float64)
-    targets = ids[:, 1:]
-    peak = logits.max(axis=-1, keepdims=True)
-    log_z = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[..., 0]
-    nll = log_z - np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = token_nll(logits[:, :-1], ids[:, 1:])
     mask = feed.get("attention_mask")
     if mask is not None:
-        keep = mask[:, 1:].astype(bool)
-        return float(nll[keep].mean())
+        return float(nll[mask[:, 1:].astype(bool)].mean())
     return float(nll.mean())
 
 
 def pooled(output: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     """[B, S, H] → [B, H] mean over unmasked positions; other outputs → [B, -1]."""
+    from qcompiler.evaluate import mean_pool
+
     if output.ndim == 3 and mask is not None and mask.shape == output.shape[:2]:
-        m = mask.astype(np.float64)[..., None]
-        return (output * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)
+        return mean_pool(output, mask)
     return output.reshape(output.shape[0], -1).astype(np.float64)
-
-
-def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    num = (a * b).sum(axis=1)
-    return num / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
 
 
 @dataclasses.dataclass

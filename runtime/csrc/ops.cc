@@ -78,10 +78,10 @@ struct Int4Shape {
     N = ki.GetAttribute<int64_t>("N");
     group = ki.GetAttribute<int64_t>("group_size");
   }
-  // Checks the inputs; fills args (M and the weight pointers).
+  // Checks the inputs, fills args (M and the weight pointers) and allocates the output.
   template <typename T>
-  Ort::Status check(const Tensor<T>& a, const Tensor<uint8_t>& b, const Tensor<half_t>& scales,
-                    const Tensor<half_t>& zeros, qcompile::Int4Args& args) const {
+  Ort::Status prepare(const Tensor<T>& a, const Tensor<uint8_t>& b, const Tensor<half_t>& scales,
+                      const Tensor<half_t>& zeros, Tensor<T>& y, qcompile::Int4Args& args, T*& out) const {
     const int64_t blocks = (K + group - 1) / group;
     const auto& s = a.Shape();
     if (s.empty() || s.back() != K)
@@ -93,6 +93,7 @@ struct Int4Shape {
       return invalid("Int4MatMul: scales and zero_points must be float16 [N, ceil(K/group_size)]");
     args = {rows(s), K, N, group, b.Data(), reinterpret_cast<const uint16_t*>(scales.Data()),
             reinterpret_cast<const uint16_t*>(zeros.Data())};
+    out = y.Allocate(output_shape(s, N));
     return Ort::Status{nullptr};
   }
 };
@@ -104,10 +105,9 @@ struct Int4MatMulCpu : Int4Shape {
                       const Tensor<half_t>& scales, const Tensor<half_t>& zeros, Tensor<T>& y) {
     try {
       qcompile::Int4Args args;
-      Ort::Status status = check(a, b, scales, zeros, args);
-      if (!status.IsOK()) return status;
-      T* out = y.Allocate(output_shape(a.Shape(), N));
-      if (args.M == 0) return Ort::Status{nullptr};
+      T* out = nullptr;
+      Ort::Status status = prepare(a, b, scales, zeros, y, args, out);
+      if (!status.IsOK() || args.M == 0) return status;
       Ort::KernelContext ctx(context);
       std::vector<float> a32, y32;
       const float* x = as_float(a.Data(), (size_t)(args.M * K), a32);
@@ -124,10 +124,11 @@ struct Int4MatMulCpu : Int4Shape {
 
 // --- MixedInt8MatMul -------------------------------------------------------------------------
 
+// Checks the inputs, fills args and allocates the output.
 template <typename T>
-Ort::Status check_mixed(const Tensor<T>& x, const Tensor<int8_t>& wq, const Tensor<float>& w_scale,
-                        const Tensor<int64_t>& index, const Tensor<half_t>& w_outlier,
-                        qcompile::MixedInt8Args& args) {
+Ort::Status prepare_mixed(const Tensor<T>& x, const Tensor<int8_t>& wq, const Tensor<float>& w_scale,
+                          const Tensor<int64_t>& index, const Tensor<half_t>& w_outlier, Tensor<T>& y,
+                          qcompile::MixedInt8Args& args, T*& out) {
   const auto& s = x.Shape();
   const auto& ws = wq.Shape();
   if (ws.size() != 2) return invalid("MixedInt8MatMul: weight_q must be int8 [N, K]");
@@ -142,6 +143,7 @@ Ort::Status check_mixed(const Tensor<T>& x, const Tensor<int8_t>& wq, const Tens
     return invalid("MixedInt8MatMul: weight_outlier must be float16 [O, N]");
   args = {rows(s), K, N, outliers, wq.Data(), w_scale.Data(), outliers ? index.Data() : nullptr,
           outliers ? reinterpret_cast<const uint16_t*>(w_outlier.Data()) : nullptr};
+  out = y.Allocate(output_shape(s, N));
   return Ort::Status{nullptr};
 }
 
@@ -153,12 +155,12 @@ struct MixedInt8MatMulCpu {
                       const Tensor<half_t>& w_outlier, Tensor<T>& y) {
     try {
       qcompile::MixedInt8Args args;
-      Ort::Status status = check_mixed(x, wq, w_scale, index, w_outlier, args);
+      T* out = nullptr;
+      Ort::Status status = prepare_mixed(x, wq, w_scale, index, w_outlier, y, args, out);
       if (!status.IsOK()) return status;
       for (int64_t i = 0; i < args.outliers; ++i)
         if (args.outlier_index[i] < 0 || args.outlier_index[i] >= args.K)
           return invalid("MixedInt8MatMul: outlier_index out of [0, K)");
-      T* out = y.Allocate(output_shape(x.Shape(), args.N));
       if (args.M == 0) return Ort::Status{nullptr};
       Ort::KernelContext ctx(context);
       std::vector<float> x32, y32;
@@ -187,10 +189,9 @@ struct Int4MatMulCuda : Int4Shape {
                       const Tensor<half_t>& scales, const Tensor<half_t>& zeros, Tensor<T>& y) {
     try {
       qcompile::Int4Args args;
-      Ort::Status status = check(a, b, scales, zeros, args);
-      if (!status.IsOK()) return status;
-      T* out = y.Allocate(output_shape(a.Shape(), N));
-      if (args.M == 0) return Ort::Status{nullptr};
+      T* out = nullptr;
+      Ort::Status status = prepare(a, b, scales, zeros, y, args, out);
+      if (!status.IsOK() || args.M == 0) return status;
       void* stream = Ort::KernelContext(context).GetGPUComputeStream();  // ORT's stream
       return cuda_status(qcompile::int4_matmul_cuda(args, a.Data(), out, is_half<T>(), stream), "Int4MatMul");
     } catch (const std::exception& e) {
@@ -207,10 +208,9 @@ struct MixedInt8MatMulCuda {
                       const Tensor<half_t>& w_outlier, Tensor<T>& y) {
     try {
       qcompile::MixedInt8Args args;
-      Ort::Status status = check_mixed(x, wq, w_scale, index, w_outlier, args);
-      if (!status.IsOK()) return status;
-      T* out = y.Allocate(output_shape(x.Shape(), args.N));
-      if (args.M == 0) return Ort::Status{nullptr};
+      T* out = nullptr;
+      Ort::Status status = prepare_mixed(x, wq, w_scale, index, w_outlier, y, args, out);
+      if (!status.IsOK() || args.M == 0) return status;
       void* stream = Ort::KernelContext(context).GetGPUComputeStream();
       return cuda_status(qcompile::mixed_int8_matmul_cuda(args, x.Data(), out, is_half<T>(), stream),
                          "MixedInt8MatMul");
