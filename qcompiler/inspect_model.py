@@ -27,6 +27,8 @@ _INTEGER_OPS = {"MatMulIntegerToFloat": 1, "MatMulInteger": 1, "ConvInteger": 1,
 def load_graph_only(path: str | Path) -> onnx.ModelProto:
     """The model's protobuf without external data; a QCompileError if it is not an ONNX model."""
     path = Path(path)
+    if path.is_dir():
+        raise QCompileError(f"{path} is a folder: give a .onnx model file")
     if not path.is_file():
         raise QCompileError(f"no such model file: {path}")
     try:

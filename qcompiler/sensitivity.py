@@ -66,6 +66,12 @@ class Scorer:
 
     def __init__(self, objective: Objective, feeds: Sequence[dict], float_outputs: Sequence[np.ndarray]):
         self.objective, self.feeds = objective, feeds
+        if objective.kind == "ppl" and not all(
+                "input_ids" in f and o.ndim == 3 and o.shape[-1] > int(np.max(f["input_ids"]))
+                for f, o in zip(feeds, float_outputs)):
+            raise QCompileError("--max-ppl-increase measures next-token perplexity: the model must take input_ids "
+                                "and output logits [batch, seq, vocab]; use --min-cosine (encoders) or "
+                                "--min-top1-agreement (classifiers)")
         self.reference = [self._summary(f, o) for f, o in zip(feeds, float_outputs)]
         if objective.kind == "ppl":
             self.float_nll = float(np.mean([r for r in self.reference]))

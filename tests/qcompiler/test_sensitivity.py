@@ -88,3 +88,11 @@ def test_cosine_pools_unmasked_tokens_and_top1_counts_agreement():
 def test_bad_objectives(kind, bound):
     with pytest.raises(QCompileError):
         sens.Objective(kind, bound)
+
+
+def test_perplexity_target_needs_a_language_model():
+    with pytest.raises(QCompileError, match="input_ids"):
+        sens.Scorer(sens.Objective("ppl", 1.0), [{"x": np.zeros((1, 4))}], [np.zeros((1, 4))])
+    hidden = np.zeros((1, 3, 8))  # an encoder: [B, S, hidden] with ids beyond "vocab" 8
+    with pytest.raises(QCompileError, match="input_ids"):
+        sens.Scorer(sens.Objective("ppl", 1.0), [{"input_ids": np.array([[1, 20, 3]])}], [hidden])
