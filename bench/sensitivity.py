@@ -7,12 +7,14 @@ perplexity on 16 held-apart windows × 512 tokens; ONNX Runtime CPU, 2 threads):
 1. Without SmoothQuant: rank the quantized layers by `diff --data` (SQNR at each layer's
    output, 4 calibration windows), then compile again with the top-k layers kept in float and
    with k random layers kept in float (two seeds), k = 5, 10, 21 (21 = 10% of 211 MatMuls).
-2. `--max-ppl-increase 1` with SmoothQuant (α = 0.8) and without it (cap raised to 50%): how
-   many layers it keeps in float, and the held-apart perplexity.
+2. `--max-ppl-increase 1` with SmoothQuant (α = 0.8) and without it, with the default ladder
+   (sensitive layers to per-token activations first, then float) and with `--fallback float`
+   (cap raised to 50% without SmoothQuant): how many layers go per-token and float, and the
+   held-apart perplexity. The target's 4 samples are held apart from the ranges' 16 windows.
 
 Writes ``bench/results/sensitivity.{json,md}``.
 
-    python bench/sensitivity.py [--ks 5 10 21] [--work out/bench]
+    python bench/sensitivity.py [--ks 5 10 21] [--work out/bench] [--targets-only]
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from runtime.session import create_session  # noqa: E402
 
 CALIB_WINDOWS = 16
 RANK_WINDOWS = 4
+TARGET_WINDOWS = W8A8Config.sensitivity_samples  # held apart from the ranges by the target
 
 
 def main() -> None:
@@ -47,10 +50,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--work", type=Path, default=base.ROOT / "out" / "bench")
     parser.add_argument("--results", type=Path, default=base.ROOT / "bench" / "results")
+    parser.add_argument("--targets-only", action="store_true",
+                        help="redo part 2 only, keeping part 1's rows from the last results")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     float_path = models.export("smollm2").onnx_path
     calib = models.data.model_feeds("smollm2", "calib", CALIB_WINDOWS)
+    target_calib = models.data.model_feeds("smollm2", "calib", CALIB_WINDOWS + TARGET_WINDOWS)
     held = eval_data.default_eval_data("lm").feeds
     state = {"machine": base.machine(), "rows": [], "ranking": []}
 
@@ -67,13 +73,54 @@ def main() -> None:
         (args.results / "sensitivity.json").write_text(json.dumps(state, indent=2, default=float))
         (args.results / "sensitivity.md").write_text(markdown(state, float_ppl))
 
-    def build(label: str, config: W8A8Config, **extra) -> Path:
-        path = args.work / f"smollm2.sens.{label.replace(' ', '_').replace('/', '')}.onnx"
+    def build(label: str, config: W8A8Config, calib: list[dict] = calib, **extra) -> Path:
+        path = args.work / f"smollm2.sens.{label.replace(' ', '_').replace('/', '').replace(',', '')}.onnx"
         start = time.perf_counter()
         compile_model(float_path, path, config, feeds=lambda: iter(calib), progress=False)
         record(label, path, time.perf_counter() - start, **extra)
         return path
 
+    if args.targets_only:
+        previous = json.loads((args.results / "sensitivity.json").read_text())
+        state["rows"] = [r for r in previous["rows"] if not r["variant"].startswith("--max-ppl-increase")]
+        state["ranking"] = previous["ranking"]
+    else:
+        rank_and_ablate(args, calib, float_path, build, state)
+    target = Objective("ppl", 1.0)
+    for label, config in (
+        ("--max-ppl-increase 1, SmoothQuant α=0.8", W8A8Config(
+            activations="static", smoothquant_alpha=0.8, accuracy_target=target)),
+        ("--max-ppl-increase 1, SmoothQuant α=0.8, --fallback float", W8A8Config(
+            activations="static", smoothquant_alpha=0.8, accuracy_target=target, fallback="float")),
+        ("--max-ppl-increase 1, no SmoothQuant", W8A8Config(
+            activations="static", smoothquant=False, accuracy_target=target)),
+        ("--max-ppl-increase 1, no SmoothQuant, --fallback float (cap 50%)", W8A8Config(
+            activations="static", smoothquant=False, accuracy_target=target, max_float_fraction=0.5,
+            fallback="float")),
+    ):
+        try:  # the target's samples are held apart: the ranges still see CALIB_WINDOWS windows
+            path = build(label, config, calib=target_calib)
+        except Exception as exc:  # the target not met is a result too
+            state["rows"].append({"variant": label, "error": str(exc)})
+            print(f"{label}: {exc}", flush=True)
+            continue
+        decision = json.loads(dict((p.key, p.value) for p in __import__("onnx").load(
+            path, load_external_data=False).metadata_props)["qcompile.kept_float"])
+        row = state["rows"][-1]
+        row["floated"] = len(decision["kept_float"])
+        row["per_token"] = len(decision["per_token"])
+        row["layers"] = {"float": [d["node"] for d in decision["kept_float"]],
+                         "per-token": [d["node"] for d in decision["per_token"]]}
+        row["calibration loss"] = decision["loss_by_choice"]
+        (args.results / "sensitivity.json").write_text(json.dumps(state, indent=2, default=float))
+        (args.results / "sensitivity.md").write_text(markdown(state, float_ppl))
+    (args.results / "sensitivity.json").write_text(json.dumps(state, indent=2, default=float))
+    (args.results / "sensitivity.md").write_text(markdown(state, float_ppl))
+    print(markdown(state, float_ppl))
+
+
+def rank_and_ablate(args, calib: list[dict], float_path: Path, build, state: dict) -> None:
+    """Part 1: rank by `diff --data`, then top-k against random k in float."""
     plain = W8A8Config(activations="static", smoothquant=False)
     base_path = build("static, no SmoothQuant", plain)
     report = diff.diff_models(float_path, base_path)
@@ -88,39 +135,20 @@ def main() -> None:
             chosen = random.Random(seed).sample(ranked, k)
             build(f"random {k} in float (seed {seed})", W8A8Config(activations="static", smoothquant=False,
                                                                   exclude=tuple(chosen)), floated=k)
-    for label, config in (
-        ("--max-ppl-increase 1, SmoothQuant α=0.8", W8A8Config(
-            activations="static", smoothquant_alpha=0.8, accuracy_target=Objective("ppl", 1.0))),
-        ("--max-ppl-increase 1, no SmoothQuant (cap 50%)", W8A8Config(
-            activations="static", smoothquant=False, accuracy_target=Objective("ppl", 1.0), max_float_fraction=0.5)),
-    ):
-        try:
-            path = build(label, config)
-        except Exception as exc:  # the target not met is a result too
-            state["rows"].append({"variant": label, "error": str(exc)})
-            print(f"{label}: {exc}", flush=True)
-            continue
-        decision = json.loads(dict((p.key, p.value) for p in __import__("onnx").load(
-            path, load_external_data=False).metadata_props)["qcompile.kept_float"])
-        state["rows"][-1]["floated"] = len(decision["kept_float"])
-        state["rows"][-1]["layers"] = [d["node"] for d in decision["kept_float"]]
-        state["rows"][-1]["calibration loss"] = decision["loss_by_count"]
-    (args.results / "sensitivity.json").write_text(json.dumps(state, indent=2, default=float))
-    (args.results / "sensitivity.md").write_text(markdown(state, float_ppl))
-    print(markdown(state, float_ppl))
 
 
 def markdown(state: dict, float_ppl: float) -> str:
     lines = [f"# Sensitivity: SmolLM2-135M W8A8 static ({state['machine']})", "",
              f"fp32 perplexity {float_ppl:.3f} on 16 held-apart windows × 512 tokens; "
              f"{CALIB_WINDOWS} calibration windows; ranking by `diff --data` on {RANK_WINDOWS} of them.", "",
-             "| variant | layers in float | perplexity | ratio to fp32 | compile s |", "|---|---|---|---|---|"]
+             "| variant | layers in float | per-token layers | perplexity | ratio to fp32 | compile s |",
+             "|---|---|---|---|---|---|"]
     for row in state["rows"]:
         if "error" in row:
-            lines.append(f"| {row['variant']} | — | {row['error']} | | |")
+            lines.append(f"| {row['variant']} | — | — | {row['error']} | | |")
             continue
-        lines.append(f"| {row['variant']} | {row.get('floated', 0)} | {row['perplexity']:.3f} | "
-                     f"{row['ratio']:.4f} | {row['compile_s']} |")
+        lines.append(f"| {row['variant']} | {row.get('floated', 0)} | {row.get('per_token', 0)} | "
+                     f"{row['perplexity']:.3f} | {row['ratio']:.4f} | {row['compile_s']} |")
     if state["ranking"]:
         lines += ["", "Worst 10 layers by `diff --data` (ranked by own SQNR; shown: SQNR accumulated at the "
                   "layer's output):", ""]

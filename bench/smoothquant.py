@@ -1,9 +1,9 @@
 """SmoothQuant benchmark: W8A8 with and without SmoothQuant, against onnxruntime.quantization.
 
-SmolLM2-135M (perplexity on 16 held-apart windows × 512 tokens) and all-MiniLM-L6-v2 (cosine
-to fp32 on held-apart sentences): every row is compiled from the same calibration split and
-evaluated on the same held-apart split in this one run; latency interleaved (ONNX Runtime
-CPU, 2 threads, median). ORT's own SmoothQuant option needs Intel Neural Compressor 2.x,
+SmolLM2-135M (perplexity on 16 held-apart windows × 512 tokens; 64 calibration windows) and
+all-MiniLM-L6-v2 (cosine to fp32 on held-apart sentences): every row is compiled from the same
+calibration split and evaluated on the same held-apart split in this one run; latency
+interleaved (ONNX Runtime CPU, 2 threads, median). ORT's own SmoothQuant option needs Intel Neural Compressor 2.x,
 which pins numpy < 2: it runs only when ``neural_compressor`` imports (see
 ``bench/README.md``), else its row says why. Writes ``bench/results/smoothquant.{json,md}``.
 
@@ -21,19 +21,17 @@ import w8a8 as base  # noqa: E402  (bench/w8a8.py: shared evaluation and table c
 
 import models  # noqa: E402
 import models.data  # noqa: E402
-import onnx  # noqa: E402
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static  # noqa: E402
 
 from qcompiler.config import CalibrationConfig, W8A8Config  # noqa: E402
 from qcompiler.pipeline import compile_model  # noqa: E402
 
 RESULTS = "smoothquant"
-
-
-def _lm_head(float_path: Path) -> str:
-    """The name of the MatMul producing the LM's logits (the tied LM head)."""
-    graph = onnx.load(float_path, load_external_data=False).graph
-    return next(n.name for n in graph.node if n.op_type == "MatMul" and graph.output[0].name in n.output)
+# SmolLM2's smoothed down_proj inputs are heavy-tailed: per-channel maxima over 16 windows
+# miss held-apart spikes 3-10× larger, and static ranges fitted to 16 windows clip them
+# (×1.0758 at α=0.8); 64 windows give ×1.049. ORT's calibrator keeps every activation in
+# memory, so it keeps base.ORT_STATIC_SAMPLES windows.
+CALIB_WINDOWS = {"smollm2": 64}
 
 
 def qcompile_variants(name: str, float_path: Path) -> dict[str, W8A8Config]:
@@ -44,14 +42,9 @@ def qcompile_variants(name: str, float_path: Path) -> dict[str, W8A8Config]:
             "qcompile per-token + SmoothQuant": W8A8Config(activations="per-token", smoothquant=True),
         }
     return {
-        "qcompile per-token": W8A8Config(activations="per-token", smoothquant=False),
         "qcompile per-token + SmoothQuant": W8A8Config(activations="per-token"),
-        "qcompile per-token + SmoothQuant, LM head float": W8A8Config(
-            activations="per-token", exclude=(_lm_head(float_path),)),
-        "qcompile per-token-sym + SmoothQuant": W8A8Config(activations="per-token-sym"),
         "qcompile static": W8A8Config(activations="static", smoothquant=False),
         "qcompile static + SmoothQuant": W8A8Config(activations="static"),
-        "qcompile static + SmoothQuant α=0.5": W8A8Config(activations="static", smoothquant_alpha=0.5),
         "qcompile static + SmoothQuant α=0.8": W8A8Config(activations="static", smoothquant_alpha=0.8),
     }
 
@@ -75,7 +68,7 @@ def _neural_compressor_missing() -> str:
 
 
 def build_variants(name: str, float_path: Path, work: Path) -> dict[str, dict]:
-    calib = models.data.model_feeds(name, "calib", base.CALIB_SAMPLES[name])
+    calib = models.data.model_feeds(name, "calib", CALIB_WINDOWS.get(name, base.CALIB_SAMPLES[name]))
     out = {"fp32": {"path": float_path, "compile_s": 0.0}}
     for label, config in qcompile_variants(name, float_path).items():
         path = work / f"{name}.{label.replace(' ', '_').replace('=', '')}.onnx"

@@ -38,14 +38,19 @@ def qcompile_variants(name: str) -> dict[str, WeightOnlyConfig]:
             "qcompile w4a16 g128 rtn": WeightOnlyConfig(method="rtn", **G128),
             "qcompile w4a16 g128 awq": WeightOnlyConfig(method="awq", **G128),
             "qcompile w4a16 g128 gptq": WeightOnlyConfig(method="gptq", **G128),
+            "qcompile w4a16 g128 auto (default method)": WeightOnlyConfig(**G128),
         }
     return {
         "qcompile w4a16 (default: keep grid)": WeightOnlyConfig(),
         "qcompile w8a16 per-channel rtn": WeightOnlyConfig(bits=8, group_size=None, method="rtn", keep_grid=False),
         "qcompile w4a16 g128 rtn": WeightOnlyConfig(method="rtn", **G128),
-        "qcompile w4a16 g128 gptq (default method)": WeightOnlyConfig(method="gptq", **G128),
+        "qcompile w4a16 g128 gptq": WeightOnlyConfig(method="gptq", **G128),
         "qcompile w4a16 g128 gptq act-order": WeightOnlyConfig(method="gptq", act_order=True, **G128),
+        "qcompile w4a16 g128 gptq act-order clip": WeightOnlyConfig(method="gptq", act_order=True, clip_search=True, **G128),
+        "qcompile w4a16 g128 gptq act-order clip damp 0.1": WeightOnlyConfig(
+            method="gptq", act_order=True, clip_search=True, damp=0.1, **G128),
         "qcompile w4a16 g128 awq": WeightOnlyConfig(method="awq", **G128),
+        "qcompile w4a16 g128 auto (default method)": WeightOnlyConfig(**G128),
         "qcompile w3a16 g128 gptq": WeightOnlyConfig(bits=3, method="gptq", **G128),
         "qcompile w4a16 per-channel rtn": WeightOnlyConfig(group_size=None, method="rtn", keep_grid=False),
         "qcompile w4a16 per-channel kmeans": WeightOnlyConfig(group_size=None, method="kmeans", keep_grid=False),

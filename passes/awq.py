@@ -39,7 +39,10 @@ ROW_SAMPLE = 512  # calibration rows per activation for both searches
 
 
 class AWQPass(ir.passes.InPlacePass):
-    """Scale (where an absorber exists), clip and quantize every undecided MatMul weight."""
+    """Scale (where an absorber exists), clip and quantize every undecided MatMul weight.
+
+    ``quantize=False``: phase 1 only (scales chosen and folded); the weights stay float and
+    undecided for the next pass (``awq-gptq``: GPTQ on the scaled model)."""
 
     def __init__(
         self,
@@ -48,10 +51,11 @@ class AWQPass(ir.passes.InPlacePass):
         calibration: CalibrationConfig = CalibrationConfig(),
         progress: bool = True,
         lm_head_bits: int | None = None,
+        quantize: bool = True,
     ) -> None:
         super().__init__()
         self.feeds, self.fmt, self.calibration, self.progress = feeds, fmt, calibration, progress
-        self.lm_head_bits = lm_head_bits
+        self.lm_head_bits, self.quantize = lm_head_bits, quantize
         self.summary = ""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -73,7 +77,7 @@ class AWQPass(ir.passes.InPlacePass):
             rows = stats[group.activation.name].rows.sample
             scales[id(group)], outcome = self._scale(model.graph, group, rows)
             outcomes[outcome] += 1
-        for group in found:  # phase 2: clip and quantize on X/s
+        for group in (found if self.quantize else ()):  # phase 2: clip and quantize on X/s
             rows = stats[group.activation.name].rows.sample / scales[id(group)]
             for target in group.targets:
                 if WEIGHT_KEY not in target.node.meta:

@@ -63,30 +63,30 @@ class LowerDynamicActivationsPass(ir.passes.InPlacePass):
         self.summary = ""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph, modified = model.graph, False
-        opset = model.opset_imports.get("", 13)
-        quantized: dict[int, tuple] = {}
-        float_convs = 0
-        for target in targets(model):  # graph order: the first reader of X comes first
-            node = target.node
-            if ACTIVATION_KEY in node.meta or WEIGHT_KEY not in node.meta:
-                continue
-            if target.op_type == "Conv":
-                float_convs += 1
-                continue
-            key = id(target.activation)
-            if key not in quantized:
-                quantized[key] = self._quantize_activation(graph, target, opset)
-            self._lower(graph, target, *quantized[key])
-            node.meta[ACTIVATION_KEY] = self.scheme
-            modified = True
-        if modified:
-            model.opset_imports.setdefault(MS, 1)
+        chosen = [t for t in targets(model)  # graph order: the first reader of X comes first
+                  if ACTIVATION_KEY not in t.node.meta and WEIGHT_KEY in t.node.meta]
+        float_convs = sum(t.op_type == "Conv" for t in chosen)
+        modified = self.lower(model, [t for t in chosen if t.op_type != "Conv"])
         self.summary = (
             f"{float_convs} Conv keep float activations (static needs --calib-data)"
             if float_convs else ""
         )
         return ir.passes.PassResult(model, modified=modified)
+
+    def lower(self, model: ir.Model, chosen: list[QuantTarget]) -> bool:
+        """Lower the weight-quantized MatMul/Gemm ``chosen`` (in graph order); True if any."""
+        graph = model.graph
+        opset = model.opset_imports.get("", 13)
+        quantized: dict[int, tuple] = {}
+        for target in chosen:
+            key = id(target.activation)
+            if key not in quantized:
+                quantized[key] = self._quantize_activation(graph, target, opset)
+            self._lower(graph, target, *quantized[key])
+            target.node.meta[ACTIVATION_KEY] = self.scheme
+        if chosen:
+            model.opset_imports.setdefault(MS, 1)
+        return bool(chosen)
 
     def _quantize_activation(self, graph: ir.Graph, target: QuantTarget, opset: int):
         """``(X^q, zero point, scale, row offset or None)`` of the target's activation, built

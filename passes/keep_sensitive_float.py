@@ -1,18 +1,24 @@
-"""Put back in float the fewest quantized layers that make the model meet an accuracy target.
+"""Move the fewest, most sensitive static layers up to per-token activations or float, until the
+model meets an accuracy target.
 
 Runs on the QDQ model right after ``InsertStaticQDQPass``, before clean-up: each target ``t``
 then reads ``DQ(Q(x_t))`` and ``DQ(W_t^q)``, and its float weight is still known
 (``QuantTarget.weight``). To measure many choices cheaply the pass serializes one *switchboard*
-model: for every target a boolean graph input ``f_t`` and ::
+model: for every target boolean graph inputs ``f_t`` (float) and ``p_t`` (per token; MatMul and
+Gemm only, when a per-token scheme is given) and ::
 
-    x'_t = Where(f_t, x_t, DQ(Q(x_t)))     W'_t = Where(f_t, W_t, DQ(W_t^q))
+    x'_t = Where(f_t, x_t, Where(p_t, T(x_t), DQ(Q(x_t))))     W'_t = Where(f_t, W_t, DQ(W_t^q))
     b'_t = Where(f_t, b_t, b_t − E[ΔW·x])  (the bias before bias correction, if corrected)
 
-so that one ONNX Runtime session runs the model with any set of layers in float (the quantized
-path is simulated in float, as the QDQ reference is). A second model adds, per target, a float
-copy of the op fed the quantized model's own activation: the layer's own SQNR. The search is
-``qcompiler.sensitivity.choose_float_layers``; the layers it keeps in float are rewired in the
-real model (float activation, float weight, original bias), and clean-up drops their Q/DQ.
+where ``T`` is the per-token quantization of ``passes.dynamic_activations`` simulated in float
+(``per-token``: ``m = min_k x``, ``s = max(max_k x − m, ε)/255``, ``T(x) = s·round((x − m)/s) + m``
+per row; ``per-token-sym``: ``s = max(max_k |x|, ε)/127``, ``T(x) = s·round(x/s)``). One ONNX
+Runtime session then runs the model with any choice (the quantized paths are simulated in float,
+as the QDQ reference is). A second model adds, per target, a float copy of the op fed the
+quantized model's own activation: the layer's own SQNR. The search is
+``qcompiler.sensitivity.choose_precisions``. Layers it keeps in float are rewired in the real
+model (float activation, float weight, original bias) and clean-up drops their Q/DQ; layers it
+moves to per-token are lowered by ``LowerDynamicActivationsPass`` with the same int8 weight.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import onnx
 import onnx_ir as ir
 
 from passes.bias_correction import BIAS_BEFORE_KEY
+from passes.dynamic_activations import LowerDynamicActivationsPass
+from passes.insert_static_qdq import ACTIVATION_KEY
 from passes.quantize_weights import WEIGHT_KEY
 from passes.select_targets import TARGET_KEY, QuantTarget
 from qcompiler import ir_utils, sensitivity
@@ -53,6 +61,14 @@ class _Switch:
     def flag(self) -> str:
         return f"{self.name}.keep_float"
 
+    @property
+    def per_token_flag(self) -> str:
+        return f"{self.name}.per_token"
+
+    @property
+    def can_run_per_token(self) -> bool:
+        return self.target.op_type in ("MatMul", "Gemm")
+
 
 def _switches(model: ir.Model) -> list[_Switch]:
     found = []
@@ -69,16 +85,19 @@ def _switches(model: ir.Model) -> list[_Switch]:
 
 
 class KeepSensitiveFloatPass(ir.passes.InPlacePass):
-    """Meet ``objective`` on the first ``samples`` calibration feeds with at most
-    ``max_float_fraction`` of the quantized layers in float (``qcompiler.sensitivity``).
-    ``candidates``: layers checked by ablation (at least the cap). ``decision`` holds the result.
-    Idempotent: a model with no quantized target left to switch is not modified."""
+    """Meet ``objective`` on the first ``samples`` of ``feeds`` (the pipeline holds them apart
+    from the ranges) with at most ``max_float_fraction`` of the quantized layers in float
+    (``qcompiler.sensitivity``).
+    ``candidates``: layers checked by ablation (at least the cap). ``per_token_scheme``
+    (``per-token``, ``per-token-sym`` or None): the rung below float, if any. ``decision`` holds
+    the result. Idempotent: a model with no quantized target left to switch is not modified."""
 
     def __init__(self, objective: sensitivity.Objective, feeds: FeedSource, samples: int = 4,
                  max_float_fraction: float = 0.1, candidates: int = 16, threads: int | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, per_token_scheme: str | None = None) -> None:
         super().__init__()
         self.objective, self.feeds, self.samples = objective, feeds, samples
+        self.per_token_scheme = per_token_scheme
         self.max_float_fraction, self.candidates = max_float_fraction, candidates
         self.threads, self.progress = threads, progress
         self.decision: sensitivity.Decision | None = None
@@ -91,22 +110,33 @@ class KeepSensitiveFloatPass(ir.passes.InPlacePass):
         feeds = list(itertools.islice(self.feeds(), self.samples))
         if not feeds:
             raise QCompileError("the accuracy target is measured on calibration data, which has no samples")
-        board = _Switchboard(model, switches, self.threads)
+        board = _Switchboard(model, switches, self.threads, self.per_token_scheme)
         outputs = [o.name for o in model.graph.outputs][:1]
         everything = frozenset(s.name for s in switches)
-        scorer = sensitivity.Scorer(self.objective, feeds, board.run(feeds, everything, outputs))
+        scorer = sensitivity.Scorer(self.objective, feeds, board.run(feeds, everything, frozenset(), outputs))
         layer_sqnr = board.layer_sqnr(feeds)
         say = (lambda text: print(f"  sensitivity: {text}", flush=True)) if self.progress else (lambda _: None)
-        self.decision = sensitivity.choose_float_layers(
-            layer_sqnr, lambda f: scorer.loss(board.run(feeds, f, outputs)), self.objective,
-            cap=int(self.max_float_fraction * len(switches)), candidates=self.candidates, progress=say)
-        chosen = set(self.decision.kept_float)
+        self.decision = sensitivity.choose_precisions(
+            layer_sqnr, lambda f, p: scorer.loss(board.run(feeds, f, p, outputs)), self.objective,
+            cap=int(self.max_float_fraction * len(switches)), candidates=self.candidates,
+            per_token=[s.name for s in board.per_token_switches], progress=say)
+        in_float, per_token = set(self.decision.kept_float), set(self.decision.per_token)
         for switch in switches:
-            if switch.name in chosen:
+            if switch.name in in_float:
                 _to_float(model.graph, switch)
+        if per_token:
+            self._to_per_token(model, [s for s in switches if s.name in per_token])
         model.metadata_props[DECISION_KEY] = json.dumps(self.decision.as_dict())
         self.summary = self.decision.summary()
-        return ir.passes.PassResult(model, modified=bool(chosen))
+        return ir.passes.PassResult(model, modified=bool(in_float or per_token))
+
+    def _to_per_token(self, model: ir.Model, chosen: list[_Switch]) -> None:
+        """Lower ``chosen`` (graph order) with run-time per-token activation scales; their
+        static Q/DQ lose this reader (clean-up drops them when no other is left)."""
+        for switch in chosen:
+            switch.target.node.meta.pop(ACTIVATION_KEY, None)
+        lowering = LowerDynamicActivationsPass(self.per_token_scheme)
+        lowering.lower(model, [dataclasses.replace(s.target, activation=s.x) for s in chosen])
 
 
 def _to_float(graph: ir.Graph, switch: _Switch) -> None:
@@ -123,16 +153,22 @@ def _to_float(graph: ir.Graph, switch: _Switch) -> None:
 class _Switchboard:
     """The model with a float/quantized switch per target, as ONNX Runtime sessions."""
 
-    def __init__(self, model: ir.Model, switches: list[_Switch], threads: int | None) -> None:
+    def __init__(self, model: ir.Model, switches: list[_Switch], threads: int | None,
+                 per_token_scheme: str | None = None) -> None:
         self.switches, self.threads = switches, threads
-        self.proto = _switch_proto(model, switches)
+        self.per_token_switches = [s for s in switches if per_token_scheme and s.can_run_per_token]
+        opset = model.opset_imports.get("", 13)
+        self.proto = _switch_proto(model, switches, {s.name for s in self.per_token_switches}, per_token_scheme, opset)
         self.session = create_session(self.proto.SerializeToString(), threads=threads)
 
-    def _flags(self, in_float: frozenset[str]) -> dict[str, np.ndarray]:
-        return {s.flag: np.array(s.name in in_float) for s in self.switches}
+    def _flags(self, in_float: frozenset[str], per_token: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+        flags = {s.flag: np.array(s.name in in_float) for s in self.switches}
+        flags.update({s.per_token_flag: np.array(s.name in per_token) for s in self.per_token_switches})
+        return flags
 
-    def run(self, feeds: list[dict], in_float: frozenset[str], outputs: list[str]) -> list[np.ndarray]:
-        flags = self._flags(in_float)
+    def run(self, feeds: list[dict], in_float: frozenset[str], per_token: frozenset[str],
+            outputs: list[str]) -> list[np.ndarray]:
+        flags = self._flags(in_float, per_token)
         return [self.session.run(outputs, {**feed, **flags})[0] for feed in feeds]
 
     def layer_sqnr(self, feeds: list[dict]) -> dict[str, float]:
@@ -150,7 +186,8 @@ class _Switchboard:
         return {name: s.sqnr_db for name, s in stats.items()}
 
 
-def _switch_proto(model: ir.Model, switches: list[_Switch]) -> onnx.ModelProto:
+def _switch_proto(model: ir.Model, switches: list[_Switch], per_token: set[str], scheme: str | None,
+                  opset: int) -> onnx.ModelProto:
     proto = ir.serde.serialize_model(model)
     graph = proto.graph
     by_name = {s.name: s for s in switches}
@@ -163,6 +200,12 @@ def _switch_proto(model: ir.Model, switches: list[_Switch]) -> onnx.ModelProto:
             graph.initializer.append(onnx.numpy_helper.from_array(switch.target.weight, weight_name))
             graph.input.append(onnx.helper.make_tensor_value_info(switch.flag, onnx.TensorProto.BOOL, []))
             act, weight = node.input[0], node.input[1]
+            if switch.name in per_token:
+                graph.input.append(onnx.helper.make_tensor_value_info(switch.per_token_flag, onnx.TensorProto.BOOL, []))
+                simulated = _per_token_nodes(nodes, graph, switch.x.name, switch.name, scheme, opset)
+                nodes.append(onnx.helper.make_node("Where", [switch.per_token_flag, simulated, act],
+                                                   [f"{switch.name}.x_rung"]))
+                act = f"{switch.name}.x_rung"
             nodes.append(onnx.helper.make_node("Where", [switch.flag, switch.x.name, act], [f"{switch.name}.x_switch"]))
             nodes.append(onnx.helper.make_node("Where", [switch.flag, weight_name, weight], [f"{switch.name}.w_switch"]))
             node.input[0], node.input[1] = f"{switch.name}.x_switch", f"{switch.name}.w_switch"
@@ -176,6 +219,36 @@ def _switch_proto(model: ir.Model, switches: list[_Switch]) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(nodes)
     return proto
+
+
+def _per_token_nodes(nodes: list, graph: onnx.GraphProto, x: str, stem: str, scheme: str, opset: int) -> str:
+    """Append the float simulation ``T(x)`` of ``scheme`` (module docstring); its name."""
+    def name(suffix: str) -> str:
+        return f"{stem}.per_token_{suffix}"
+
+    def const(suffix: str, value) -> str:
+        graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(value), name(suffix)))
+        return name(suffix)
+
+    def op(op_type: str, inputs: list[str], suffix: str, **attributes) -> str:
+        nodes.append(onnx.helper.make_node(op_type, inputs, [name(suffix)], **attributes))
+        return name(suffix)
+
+    def row(op_type: str, value: str, suffix: str) -> str:
+        if opset >= 18:
+            return op(op_type, [value, const("axes", np.array([-1], np.int64))], suffix, keepdims=1)
+        return op(op_type, [value], suffix, axes=[-1], keepdims=1)
+
+    epsilon = const("epsilon", np.float32(1e-8))
+    if scheme == "per-token-sym":
+        amax = op("Max", [row("ReduceMax", op("Abs", [x], "abs"), "absmax"), epsilon], "absmax_safe")
+        scale = op("Div", [amax, const("qmax", np.float32(127.0))], "scale")
+        return op("Mul", [op("Round", [op("Div", [x, scale], "scaled")], "rounded"), scale], "out")
+    low = row("ReduceMin", x, "min")
+    span = op("Max", [op("Sub", [row("ReduceMax", x, "max"), low], "span"), epsilon], "span_safe")
+    scale = op("Div", [span, const("levels", np.float32(255.0))], "scale")
+    rounded = op("Round", [op("Div", [op("Sub", [x, low], "shifted"), scale], "scaled")], "rounded")
+    return op("Add", [op("Mul", [rounded, scale], "unscaled"), low], "out")
 
 
 def _add_shadows(proto: onnx.ModelProto, switches: list[_Switch]) -> dict[str, tuple[str, str]]:

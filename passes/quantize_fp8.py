@@ -3,7 +3,8 @@
 Three passes, run after ``SelectTargetsPass``:
 
 * ``FP8CalibratePass``: runs the float model over the calibration feeds and keeps, for each
-  target's activation input, its range statistics and (``hessians=True``) ``H = 2/n XᵀX``;
+  target's activation input, its range statistics and (``hessians=True``) ``H = 2/n XᵀX``
+  (``keep_rows``: and a uniform sample of rows);
 * ``QuantizeFP8WeightsPass``: each target's weight ``W`` becomes
   ``DequantizeLinear(W^q, s, 0[, axis])`` with ``W^q`` a ``FLOAT8E4M3FN`` initializer and
   ``s = max|W| / 448`` per tensor, or per output channel (``axis``: opset 19's per-axis
@@ -11,10 +12,13 @@ Three passes, run after ``SelectTargetsPass``:
   rounded to nearest, or by GPTQ when the activation carries a Hessian: E4M3 keeps 3 mantissa
   bits, ~32 dB SQNR on any weight against ~40 dB for int8 per channel, and GPTQ wins most of
   the difference back on the layer's output (SmolLM2 layers on held-out tokens: +2.5 to
-  +8.5 dB);
+  +8.5 dB). With a Hessian, the scales are first searched, ``s = m · max|W|/448`` against
+  ``diag H`` (``fp8.search_weight_scale``);
 * ``InsertFP8QDQPass``: the activation input of each fp8-weighted target reads
   ``DequantizeLinear(QuantizeLinear(x, s, 0), s, 0)`` with one static per-tensor
-  ``s = amax / 448`` from calibration (``minmax``: max|x|; ``mse``: on the fp8 grid). One pair
+  ``s = amax / 448`` from calibration (``minmax``: max|x|; ``mse``: on the fp8 grid), the
+  amax times a multiplier searched on the readers' output error where rows were sampled
+  (``fp8.search_activation_amax``). One pair
   per activation value, shared by all its readers (q/k/v read one tensor).
 
 Activation×activation MatMuls (attention scores and ``softmax·V``) are not targets and stay
@@ -43,6 +47,7 @@ HESSIAN_KEY = "qcompile.hessian"
 FP8_ACTIVATION_KEY = "qcompile.fp8_activation"
 FP8_TYPE = ir.DataType.FLOAT8E4M3FN
 MIN_OPSET = 19  # QuantizeLinear/DequantizeLinear with float8
+SEARCH_ROWS = 512  # calibration rows kept per activation for its amax search
 
 
 def _dequantized(value: ir.Value) -> bool:
@@ -52,12 +57,14 @@ def _dequantized(value: ir.Value) -> bool:
 
 class FP8CalibratePass(ir.passes.InPlacePass):
     """Statistics of every target's activation input over ``feeds()`` (``STATS_KEY``), and
-    with ``hessians`` its ``H = 2/n XᵀX`` (``HESSIAN_KEY``, float64 ``[K, K]``) for GPTQ.
+    with ``hessians`` its ``H = 2/n XᵀX`` (``HESSIAN_KEY``, float64 ``[K, K]``) for GPTQ;
+    ``keep_rows``: the statistics also keep a uniform sample of that many rows (the
+    activation scale search of ``InsertFP8QDQPass``).
     Positions where the feed's ``attention_mask`` is 0 are left out. Changes no node."""
 
-    def __init__(self, feeds, config=None, progress: bool = True, hessians: bool = True) -> None:
+    def __init__(self, feeds, config=None, progress: bool = True, hessians: bool = True, keep_rows: int = 0) -> None:
         super().__init__()
-        self.feeds, self.progress, self.hessians = feeds, progress, hessians
+        self.feeds, self.progress, self.hessians, self.keep_rows = feeds, progress, hessians, keep_rows
         self.mask_padding = True if config is None else config.mask_padding
         self.max_samples = None if config is None else config.max_samples
         self.summary = ""
@@ -72,7 +79,7 @@ class FP8CalibratePass(ir.passes.InPlacePass):
         values = activations_to_observe(model, "weighted")
         if not values:
             return ir.passes.PassResult(model, modified=False)
-        stats = {v.name: TensorStats(channel_axis=-1) for v in values}
+        stats = {v.name: TensorStats(channel_axis=-1, keep_rows=self.keep_rows) for v in values}
         hessians = {}
         samples = 0
         with observing(model, values) as run:
@@ -105,13 +112,18 @@ class QuantizeFP8WeightsPass(ir.passes.InPlacePass):
     """Replace each target's float weight by E4M3 + DequantizeLinear (``per_channel``: one
     scale per output channel; else one per tensor). ``lm_head``: also the MatMul producing a
     graph output (a language model's logits); off by default, as FP8 recipes leave the LM head
-    in 16 bits (SmolLM2: perplexity ×1.053 with it in fp8, ×1.029 without, 4 windows)."""
+    in 16 bits (SmolLM2: perplexity ×1.053 with it in fp8, ×1.029 without, 4 windows).
+    ``search_scales``: where the activation carries a Hessian, each scale is
+    ``fp8.search_weight_scale``'s (``m · amax/448`` weighted by ``diag H``) instead of
+    ``amax/448``."""
 
-    def __init__(self, per_channel: bool = True, lm_head: bool = False, gptq: bool = True) -> None:
+    def __init__(self, per_channel: bool = True, lm_head: bool = False, gptq: bool = True,
+                 search_scales: bool = False) -> None:
         super().__init__()
         self.per_channel = per_channel
         self.lm_head = lm_head
         self.gptq = gptq
+        self.search_scales = search_scales
         self.summary = ""
 
     def requires(self, model: ir.Model) -> None:
@@ -139,7 +151,13 @@ class QuantizeFP8WeightsPass(ir.passes.InPlacePass):
         quantized = fp8.quantize_tensor(target.weight, granularity)
         hessian = target.activation.meta.get(HESSIAN_KEY)
         by_gptq = False
-        if self.gptq and hessian is not None and target.channel_axis == target.weight.ndim - 1 == 1:
+        rows_in = hessian is not None and target.channel_axis == target.weight.ndim - 1 == 1
+        if self.search_scales and rows_in:
+            scale = fp8.search_weight_scale(target.weight, np.diag(hessian), self.per_channel)
+            scale = scale.reshape(quantized.scale.shape)
+            quantized = qm.QuantizedTensor(fp8.quantize(target.weight, scale, quantized.block), scale,
+                                           quantized.zero_point, quantized.block)
+        if self.gptq and rows_in:
             # W: [K, N] (y = x W): GPTQ rounds the K input rows against the inputs' Hessian.
             row_scale = quantized.scale.reshape(-1) if self.per_channel else quantized.scale.reshape(())
             q = fp8.gptq_quantize(target.weight, hessian, row_scale)
@@ -161,11 +179,14 @@ class InsertFP8QDQPass(ir.passes.InPlacePass):
     """Static per-tensor E4M3 Q/DQ on the activation input of every fp8-weighted target.
 
     ``method``: ``minmax`` or ``mse`` (``qcompiler.fp8.activation_amax``). Needs the
-    statistics ``FP8CalibratePass`` (or ``CalibratePass``) stored on each activation."""
+    statistics ``FP8CalibratePass`` (or ``CalibratePass``) stored on each activation.
+    ``search_scales``: where those statistics keep sampled rows, the amax becomes
+    ``fp8.search_activation_amax``'s (the readers' float output error on those rows)."""
 
-    def __init__(self, method: str = "minmax") -> None:
+    def __init__(self, method: str = "minmax", search_scales: bool = False) -> None:
         super().__init__()
         self.method = method
+        self.search_scales = search_scales
         self.scales: dict[str, float] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -188,7 +209,12 @@ class InsertFP8QDQPass(ir.passes.InPlacePass):
         stats = x.meta.get(STATS_KEY)
         if stats is None:
             raise QCompileError(f"no calibration statistics for activation {x.name!r}")
-        scale = fp8.scale_for(fp8.activation_amax(stats, self.method))
+        amax = fp8.activation_amax(stats, self.method)
+        rows = stats.rows.sample if getattr(stats, "rows", None) is not None else None
+        weights = _reader_weights(x)
+        if self.search_scales and rows is not None and len(rows) and weights is not None:
+            amax = fp8.search_activation_amax(rows, weights, amax)
+        scale = fp8.scale_for(amax)
         self.scales[x.name or ""] = float(scale)
         b = ir_utils.NodeBuilder(graph, before, x.name or "activation")
         s = b.const("scale", np.asarray(scale, np.float32))
@@ -198,6 +224,20 @@ class InsertFP8QDQPass(ir.passes.InPlacePass):
         q.type, q.shape = ir.TensorType(FP8_TYPE), x.shape
         dq.type, dq.shape = ir.TensorType(ir.DataType.FLOAT), x.shape
         return dq
+
+
+def _reader_weights(x: ir.Value) -> np.ndarray | None:
+    """The float weights ``[K, N]`` of the fp8 targets reading ``x``, concatenated along N
+    (None when one is laid out otherwise)."""
+    weights = []
+    for node, _ in x.uses():
+        target: QuantTarget | None = node.meta.get(TARGET_KEY)
+        if target is None or FP8_WEIGHT_KEY not in node.meta:
+            continue
+        if target.channel_axis != target.weight.ndim - 1 or target.weight.ndim != 2:
+            return None
+        weights.append(target.weight)
+    return np.concatenate(weights, axis=1) if weights else None
 
 
 class _Quantized:

@@ -109,6 +109,7 @@ class QuantizeWeightOnlyPass(ir.passes.InPlacePass):
         for t in todo:
             by_weight[t.node.inputs[1].name].append(t)
         device = _device()
+        clip = gptq.CLIP_RATIOS if self.config.clip_search else (1.0,)
 
         def quantize(index: int, stage: sequential.Stage, batches: list[np.ndarray]) -> dict[str, np.ndarray]:
             hessian = gptq.HessianAccumulator(batches[0].shape[-1])
@@ -119,7 +120,7 @@ class QuantizeWeightOnlyPass(ir.passes.InPlacePass):
             for value in stage.weights:
                 readers = by_weight[value.name]
                 result = gptq.gptq_quantize(readers[0].weight, h, fmt, act_order=self.config.act_order,
-                                            damp=self.config.damp, device=device)
+                                            damp=self.config.damp, device=device, clip_ratios=clip)
                 packed = PackedWeight.from_quantized(result.quantized, fmt.bits, "gptq")
                 for t in readers:
                     t.node.meta[WEIGHT_KEY] = packed

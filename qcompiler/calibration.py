@@ -13,6 +13,7 @@ the ranges of every layer.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
@@ -31,6 +32,22 @@ MASK_INPUT = "attention_mask"
 Feed = Mapping[str, np.ndarray]
 # A callable returning a fresh iterable of feeds each time it is called.
 FeedSource = Callable[[], Iterable[Feed]]
+
+
+def split_feeds(feeds: FeedSource, held: int) -> tuple[FeedSource, FeedSource]:
+    """``(first held samples, the rest)``: a measurement kept apart from what is fitted on the
+    rest. The rest must not be empty."""
+
+    def rest() -> Iterator[Feed]:
+        samples = itertools.islice(feeds(), held, None)
+        first = next(samples, None)
+        if first is None:
+            raise QCompileError(f"the accuracy target is measured on {held} calibration samples held apart "
+                                "(--sensitivity-samples); pass more calibration samples than that")
+        yield first
+        yield from samples
+
+    return (lambda: itertools.islice(feeds(), held)), rest
 
 
 def collect_stats(

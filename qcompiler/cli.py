@@ -130,9 +130,14 @@ def _recipe_options(f):
                      help="With an accuracy target: at most this fraction of layers in float (default 0.1)."),
         click.option("--sensitivity-samples", type=click.IntRange(min=1),
                      help="With an accuracy target: calibration samples it is measured on (default 4)."),
+        click.option("--fallback", type=click.Choice(["per-token", "float"]),
+                     help="With an accuracy target: where sensitive layers go first (default on "
+                          "ort-cpu: per-token activations, then float; elsewhere: float)."),
         click.option("--method", type=click.Choice(WEIGHT_ONLY_METHODS),
-                     help="Weight-only: rtn | gptq | awq | kmeans (default: gptq with "
-                          "calibration data, else rtn)."),
+                     help="Weight-only: rtn | gptq | awq | awq-gptq (AWQ's scales, then GPTQ) | "
+                          "kmeans (default auto: with calibration data, GPTQ (act-order, clip search) "
+                          "with and without AWQ's scales both compiled, the one losing least on "
+                          "held-apart calibration samples kept; else rtn)."),
         click.option("--bits", type=click.Choice(["2", "3", "4", "8"]),
                      help="Weight-only: bits per weight (default: the recipe's)."),
         click.option("--group-size", type=click.IntRange(min=0),
@@ -143,6 +148,8 @@ def _recipe_options(f):
                      help="Weight-only: signed weights without zero point (default: asymmetric)."),
         click.option("--act-order", is_flag=True,
                      help="GPTQ: quantize input channels by decreasing Hessian diagonal."),
+        click.option("--clip-search", is_flag=True,
+                     help="GPTQ: search each group's clipping range (H-weighted rounding error)."),
         click.option("--lm-head-bits", type=click.Choice(["2", "3", "4", "8", "same"]),
                      help="Weight-only: bits of the MatMul producing the logits (default 8, "
                           "per channel; same: as --bits)."),
@@ -160,9 +167,9 @@ def _recipe_options(f):
     return f
 
 
-WEIGHT_ONLY_OPTIONS = ("method", "bits", "group_size", "symmetric", "act_order", "lm_head_bits")
+WEIGHT_ONLY_OPTIONS = ("method", "bits", "group_size", "symmetric", "act_order", "clip_search", "lm_head_bits")
 W8A8_OPTIONS = ("activations", "float_residuals", "smoothquant", "smoothquant_alpha", "max_ppl_increase",
-                "min_cosine", "min_top1_agreement", "max_float_fraction", "sensitivity_samples")
+                "min_cosine", "min_top1_agreement", "max_float_fraction", "sensitivity_samples", "fallback")
 
 
 def _config(recipe, calibration, options: dict):
@@ -219,6 +226,7 @@ def _weight_only_config(recipe, calibration, calib, options):
         symmetric=bool(options["symmetric"]),
         method=method,
         act_order=options["act_order"],
+        clip_search=options["clip_search"],
         keep_grid=options["keep_grid"],
         lm_head_bits=_head_bits(options["lm_head_bits"]),
         calibration=calib,
@@ -226,8 +234,9 @@ def _weight_only_config(recipe, calibration, calib, options):
         quantize_embeddings=not options["keep_embeddings_float"],
         target=options["target"],
     )
-    if config.act_order and calibration is None:
-        raise QCompileError("--act-order is a GPTQ option: pass --calib-data or --calib-text")
+    if (config.act_order or config.clip_search) and calibration is None:
+        flag = "--act-order" if config.act_order else "--clip-search"
+        raise QCompileError(f"{flag} is a GPTQ option: pass --calib-data or --calib-text")
     if config.needs_calibration and calibration is None:
         raise QCompileError(f"--method {config.method} measures activations: pass --calib-data or --calib-text")
     return config
@@ -261,6 +270,7 @@ def _w8a8_config(calibration, calib, options):
         accuracy_target=_accuracy_target(options),
         max_float_fraction=_or_default(options["max_float_fraction"], "max_float_fraction"),
         sensitivity_samples=_or_default(options["sensitivity_samples"], "sensitivity_samples"),
+        fallback=options["fallback"],
     )
     if config.smoothquant_on and calibration is None:
         raise QCompileError("--smoothquant measures activations: pass --calib-data or --calib-text")
@@ -273,8 +283,8 @@ def _accuracy_target(options) -> Objective | None:
              if options[flag] is not None]
     if len(given) > 1:
         raise QCompileError("give one accuracy target: --max-ppl-increase, --min-cosine or --min-top1-agreement")
-    if not given and (options["max_float_fraction"] is not None or options["sensitivity_samples"] is not None):
-        raise QCompileError("--max-float-fraction/--sensitivity-samples go with an accuracy target "
+    if not given and any(options[o] is not None for o in ("max_float_fraction", "sensitivity_samples", "fallback")):
+        raise QCompileError("--max-float-fraction/--sensitivity-samples/--fallback go with an accuracy target "
                             "(--max-ppl-increase, --min-cosine, --min-top1-agreement)")
     return Objective(*given[0]) if given else None
 

@@ -1,4 +1,5 @@
-"""FP8 E4M3 (``FLOAT8E4M3FN``) quantization math, numpy + ml_dtypes only (no graph plumbing).
+"""FP8 E4M3 (``FLOAT8E4M3FN``) quantization math, numpy + ml_dtypes (torch, imported lazily, runs
+GPTQ's row loop and the weight-scale search; no graph plumbing).
 
 E4M3FN has 1 sign, 4 exponent and 3 mantissa bits, no infinities, one NaN pattern; its
 largest finite value is 448 and its grid is relative (8 steps per power of two down to
@@ -94,6 +95,71 @@ def activation_amax(stats: TensorStats, method: str) -> float:
     return float(max(abs(stats.min), abs(stats.max)))
 
 
+# Scale multipliers ``m`` searched over (``s = m · amax / 448``). E4M3's grid is relative, so
+# m ∈ [1, 2) slides it over a tensor's values by up to one binade without clipping anything;
+# m < 1 clips the largest values a little.
+WEIGHT_MULTIPLIERS = np.concatenate([[0.9, 0.925, 0.95, 0.975], 1 + np.arange(32) / 32]).astype(np.float32)
+ACTIVATION_MULTIPLIERS = np.concatenate([[0.7, 0.8, 0.9], 1 + np.arange(16) / 16]).astype(np.float32)
+
+
+def search_weight_scale(
+    w: np.ndarray, importance: np.ndarray, per_channel: bool = True, multipliers: np.ndarray = WEIGHT_MULTIPLIERS
+) -> np.ndarray:
+    """Scales of ``W: [K, N]`` (``y = x W``) chosen per output channel (or per tensor) among
+    ``s = m · max|w| / 448``, ``m`` in ``multipliers``, minimising the rounding error weighted
+    by input importance ``d`` (``diag H``: the output error of rounding to nearest when inputs
+    are uncorrelated)::
+
+        err(s) = Σ_i d_i (w_ic − s · q(w_ic / s))²      (summed over c too when per tensor)
+
+    Returns ``[N]`` (per channel) or a scalar array; ties keep the earlier multiplier."""
+    import torch
+
+    from qcompiler.gptq import _one_cpu_thread
+
+    w = np.asarray(w, np.float32)
+    base = scale_for(np.abs(w).max(axis=0) if per_channel else np.abs(w).max())
+    w_t, d = torch.from_numpy(w.copy()), torch.from_numpy(np.array(importance, np.float32).reshape(-1, 1))
+    errors = []
+    with _one_cpu_thread(torch.device("cpu")):  # thousands of small ops: see qcompiler.gptq
+        for m in multipliers:
+            s = np.asarray(np.maximum(base * m, qm.MIN_SCALE), np.float32)
+            r = w_t / torch.from_numpy(s)
+            r -= _round_torch(r)  # Σ_i d_i (w_i − s q_i)² = s² Σ_i d_i (w_i/s − q_i)²
+            err = torch.sum(d * r * r, dim=0, dtype=torch.float64).numpy() * np.float64(s) ** 2
+            errors.append(err if per_channel else err.sum())
+    best = np.argmin(np.stack(errors), axis=0)  # the first minimum: ties keep the earlier m
+    return np.asarray(np.maximum(base * multipliers[best], qm.MIN_SCALE), np.float32)
+
+
+def _round_torch(x):
+    """``to_fp8`` on a torch tensor, back in float32 (torch's cast rounds half to even, as
+    ml_dtypes; the clamp saturates at ±448)."""
+    import torch
+
+    return x.clamp(-float(E4M3_MAX), float(E4M3_MAX)).to(torch.float8_e4m3fn).float()
+
+
+def search_activation_amax(
+    rows: np.ndarray, weight: np.ndarray, amax: float, multipliers: np.ndarray = ACTIVATION_MULTIPLIERS
+) -> float:
+    """The activation amax ``m · amax`` (``m`` in ``multipliers``) minimising the output error
+    of the layers that read it, on sampled rows ``X: [n, K]`` and their weights ``W: [K, N]``
+    (readers concatenated along N)::
+
+        err(s) = ‖x̂(s) W − X W‖²_F,      x̂(s) = s · q(X / s),  s = m · amax / 448
+
+    Ties keep the earlier multiplier (``amax`` itself when ``m = 1`` ties)."""
+    x = np.asarray(rows, np.float32)
+    w = np.asarray(weight, np.float32)
+    y = x @ w
+    errors = []
+    for m in multipliers:
+        s = scale_for(amax * m)
+        errors.append(float(np.sum((dequantize(quantize(x, s), s) @ w - y) ** 2)))
+    return float(amax * multipliers[int(np.argmin(errors))])
+
+
 def gptq_quantize(
     w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, damp: float = 0.01, block: int = 128,
     act_order: bool = False,
@@ -116,29 +182,44 @@ def _gptq_rows(
     w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, damp: float = 0.01, block: int = 128
 ) -> np.ndarray:
     """GPTQ (``qcompiler.gptq``'s algorithm) on the E4M3 grid with fixed scales: the input rows
-    ``w_i`` of ``W: [K, N]`` are rounded in order, each one's error ``(w_i − ŵ_i)/U_ii`` pushed
-    onto the rows not yet rounded through the upper Cholesky factor ``U`` of ``H⁻¹``
-    (``H = 2/n XᵀX``, dampened by ``damp · mean(diag H)``), lazily per ``block`` rows.
-    ``scale`` broadcasts against a row (per output channel ``[N]`` or a scalar). Returns the
-    E4M3 values ``[K, N]``; their error on ``X`` is what GPTQ minimised."""
-    k = w.shape[0]
-    work = np.array(w, np.float64)
+    ``w_i`` of ``W: [K, N]`` are rounded in order, each one's error ``e_i = (w_i − ŵ_i)/U_ii``
+    pushed onto the rows not yet rounded, ``w_j −= U_ij e_i``, through the upper Cholesky factor
+    ``U`` of ``H⁻¹`` (``H = 2/n XᵀX``, dampened by ``damp · mean(diag H)``): inside a block of
+    ``block`` rows row by row, onto the rows after it in one matmul ``W[b1:] −= U[b0:b1, b1:]ᵀ E``.
+    ``scale`` broadcasts against a row (per output channel ``[N]`` or a scalar). Float64 torch
+    on one CPU thread. Returns the E4M3 values ``[K, N]``; their error on ``X`` is what GPTQ
+    minimised."""
+    import torch
+
+    from qcompiler.gptq import _one_cpu_thread
+
     h = np.array(hessian, np.float64)
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
-    work[dead] = 0.0
-    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
-    # H⁻¹ = Uᵀ U with U upper: U = cholesky(H⁻¹)ᵀ.
-    u = np.linalg.cholesky(np.linalg.inv(h)).T
-    scale = np.asarray(scale, np.float64)
-    q = np.empty(w.shape, FP8)
-    for b0 in range(0, k, block):
-        b1 = min(b0 + block, k)
-        errors = np.empty((b1 - b0, w.shape[1]))
-        for i in range(b0, b1):
-            q[i] = to_fp8((work[i] / scale).astype(np.float32))
-            err = (work[i] - q[i].astype(np.float64) * scale) / u[i, i]
-            work[i + 1:b1] -= np.outer(u[i, i + 1:b1], err)
-            errors[i - b0] = err
-        work[b1:] -= u[b0:b1, b1:].T @ errors
-    return q
+    h[np.diag_indices(w.shape[0])] += damp * np.mean(np.diag(h))
+    with _one_cpu_thread(torch.device("cpu")):
+        # H⁻¹ = Uᵀ U with U upper (H⁻¹ from H's own Cholesky factor).
+        u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(torch.from_numpy(h))), upper=True)
+        work = torch.from_numpy(np.where(dead[:, None], 0.0, np.asarray(w, np.float64)))
+        s = torch.as_tensor(np.asarray(scale, np.float64))
+        q = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
+        for b0 in range(0, w.shape[0], block):
+            b1 = min(b0 + block, w.shape[0])
+            errors = _gptq_block(work[b0:b1], u[b0:b1, b0:b1], s, q[b0:b1])
+            work[b1:] -= u[b0:b1, b1:].T @ errors
+    return q.view(torch.uint8).numpy().view(FP8)
+
+
+def _gptq_block(w1, u1, scale, q_out):
+    """One lazy block, row by row: ``q_i = E4M3(w_i / s)`` (float32 then saturating
+    round-half-even, as ``to_fp8``), ``e_i = (w_i − s q_i) / U_ii``, ``w_j −= U_ij e_i`` for the
+    block's later rows. Edits ``w1`` and writes ``q_out``; returns ``E``."""
+    import torch
+
+    errors = torch.empty_like(w1)
+    for i in range(w1.shape[0]):
+        q_i = (w1[i] / scale).float().clamp_(-448.0, 448.0).to(torch.float8_e4m3fn)
+        errors[i] = (w1[i] - q_i.double() * scale) / u1[i, i]
+        w1[i + 1:].addr_(u1[i, i + 1:], errors[i], alpha=-1)
+        q_out[i] = q_i
+    return errors

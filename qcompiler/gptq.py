@@ -27,6 +27,15 @@ Numerical guards, as in the reference implementation: inputs that never fire (``
 Quantization parameters are those of round-to-nearest (``quant_math``: symmetric or affine with
 ``affine_params``' widening to contain 0 and ``MIN_SCALE``), half-to-even rounding, clipped to the
 integer type; the integers stored are exactly those whose error was compensated.
+
+Clipping search (``clip_ratios``, as the reference ``find_params(mse=True)``): when a group's
+parameters are fixed, each output column ``c`` takes the range ratio ``r`` (range ``[r·min,
+r·max]``, symmetric ``±r·max|w|``) minimising the group's weighted rounding error
+
+    e_c(r) = Δ_c(r)ᵀ H_gg Δ_c(r),      Δ_c(r) = w_gc − Q_r(w_gc)   (round to nearest at ratio r)
+
+``H_gg``: the group's diagonal block of ``H`` (the layer-output error of that rounding alone).
+``r = 1`` is tried first and kept on ties, so no group's ``e_c`` exceeds min-max's.
 """
 
 from __future__ import annotations
@@ -44,6 +53,8 @@ if TYPE_CHECKING:  # torch is imported lazily: this module imports without it
 
 # How many times the dampening is multiplied by 10 after a failed Cholesky factorization.
 DAMP_RETRIES = 4
+# Range ratios of the clipping search (``clip_ratios``): 1, 0.975, …, 0.75.
+CLIP_RATIOS: tuple[float, ...] = tuple(round(1.0 - 0.025 * i, 3) for i in range(11))
 
 
 class HessianAccumulator:
@@ -96,6 +107,7 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     device: str = "cpu",
+    clip_ratios: tuple[float, ...] = (1.0,),
 ) -> GPTQResult:
     """Quantize ``W: [K, N]`` (``y = x W``) to ``fmt`` with GPTQ, given ``H: [K, K]`` (e.g.
     ``HessianAccumulator.hessian()``).
@@ -106,7 +118,8 @@ def gptq_quantize(
     with ``act_order`` rows are processed in order of decreasing ``diag(H)`` and groups are
     *static*: parameters computed up front from the original weights for the contiguous groups
     in the original order, so the result stays a plain contiguous-block format (what
-    ``DequantizeLinear`` with ``block_size`` expresses).
+    ``DequantizeLinear`` with ``block_size`` expresses). ``clip_ratios``: the clipping search's
+    range ratios for every group's parameters (``(1.0,)``: min-max, no search).
 
     Inverse and Cholesky in float64, row updates in float32 with torch on ``device`` (``"cuda"``
     when asked and available, else CPU, where it runs on one thread: see ``_one_cpu_thread``).
@@ -120,11 +133,12 @@ def gptq_quantize(
     w_live = np.where(dead[:, None], np.float32(0), w)
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(w.shape[0])
     dev = torch.device(device if device.startswith("cuda") and torch.cuda.is_available() else "cpu")
-    static = None if (fmt.group_size is not None and not act_order) else fmt.quantize(w)
+    search = _ClipSearch(fmt, tuple(clip_ratios))
+    static = None if (fmt.group_size is not None and not act_order) else search.static(w, h)
     with _one_cpu_thread(dev):
         u, used_damp = _inverse_cholesky_upper(h[np.ix_(perm, perm)], damp, dev)
         w_t = torch.from_numpy(w_live[perm]).to(dev)
-        q, scale, zero, loss = _gptq_rows(w_t, u, fmt, static, perm, block_size)
+        q, scale, zero, loss = _gptq_rows(w_t, u, search, static, perm, block_size, h)
     q = q[np.argsort(perm)].astype(fmt.qtype.numpy_dtype)
     return GPTQResult(qm.QuantizedTensor(q, scale, zero, fmt.block(w.shape)), loss, used_damp)
 
@@ -161,18 +175,21 @@ def _inverse_cholesky_upper(h: np.ndarray, damp: float, device: torch.device) ->
 def _gptq_rows(
     w: torch.Tensor,
     u: torch.Tensor,
-    fmt: qm.WeightFormat,
+    search: _ClipSearch,
     static: qm.QuantizedTensor | None,
     perm: np.ndarray,
     block_size: int,
+    h: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """The lazy-block GPTQ loop over the (permuted) rows of ``w`` (edited in place).
 
     Returns ``q`` (permuted order, float), the parameters ``[G, N]`` and the proxy loss.
     ``static`` holds fixed parameters (per-channel or act-order groups); without it a group's
-    parameters come from its current rows when its first row starts a block."""
+    parameters come from its current rows when its first row starts a block (``perm`` is then
+    the identity and ``h`` the undamped Hessian, whose diagonal blocks weight the search)."""
     import torch
 
+    fmt = search.fmt
     g = None if static is not None else fmt.group_size
     if g is None:
         row_scale, row_zero = _row_params(static, perm, w.device)
@@ -181,7 +198,7 @@ def _gptq_rows(
     params, q, loss = [], torch.empty_like(w), 0.0
     for b0, b1 in _block_bounds(w.shape[0], block_size, g):
         if g is not None and b0 % g == 0:
-            params.append(_rtn_params(w[b0 : b0 + g].cpu().numpy(), fmt))
+            params.append(search.params(w[b0 : b0 + g].cpu().numpy(), h[b0 : b0 + g, b0 : b0 + g]))
             row_scale[b0 : b0 + g] = torch.from_numpy(params[-1][0]).to(w.device)
             row_zero[b0 : b0 + g] = torch.from_numpy(params[-1][1].astype(np.float32)).to(w.device)
         err = _quantize_block(w[b0:b1].clone(), u[b0:b1, b0:b1], row_scale[b0:b1], row_zero[b0:b1],
@@ -229,10 +246,50 @@ def _block_bounds(k: int, block_size: int, group_size: int | None) -> list[tuple
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _rtn_params(rows: np.ndarray, fmt: qm.WeightFormat) -> tuple[np.ndarray, np.ndarray]:
-    """RTN parameters ``[1, N]`` of one group of rows, exactly as ``quant_math`` computes them."""
+@dataclasses.dataclass(frozen=True)
+class _ClipSearch:
+    """Group parameters by the clipping search (module docstring); ``ratios=(1.0,)``: RTN's."""
+
+    fmt: qm.WeightFormat
+    ratios: tuple[float, ...]
+
+    def params(self, rows: np.ndarray, h_block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Parameters ``[1, N]`` of one group ``rows: [g, N]`` (``h_block``: its ``[g, g]`` block of
+        H): per column, the first ratio minimising ``Δᵀ H_gg Δ`` (``clipped_group_params``)."""
+        return clipped_group_params(rows, h_block, self.fmt, self.ratios)
+
+    def static(self, w: np.ndarray, h: np.ndarray) -> qm.QuantizedTensor:
+        """Parameters of every contiguous group of the original ``W`` (act-order, per channel)."""
+        g = self.fmt.group_size or w.shape[0]
+        params = [self.params(w[b : b + g], h[b : b + g, b : b + g]) for b in range(0, w.shape[0], g)]
+        scale, zero = np.concatenate([p[0] for p in params]), np.concatenate([p[1] for p in params])
+        block = self.fmt.block(w.shape)
+        return qm.QuantizedTensor(qm.quantize(w, scale, zero, self.fmt.qtype, block), scale, zero, block)
+
+
+def clipped_group_params(
+    rows: np.ndarray, h_block: np.ndarray | None, fmt: qm.WeightFormat, ratios: tuple[float, ...] = CLIP_RATIOS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point ``[1, N]`` of one group ``W_g: [g, N]``: per column ``c`` the ratio
+    ``r`` of ``ratios`` minimising ``e_c(r) = Δ_c(r)ᵀ H_gg Δ_c(r)`` (``H_gg = I`` when ``h_block``
+    is None), ``Δ(r) = W_g − RTN_r(W_g)`` on the range ``[r·min, r·max]`` (``quant_math``'s
+    ``range_params``). The first of equal minima wins: with 1.0 first, min-max on ties."""
+    rows = np.asarray(rows, np.float32)
     lo, hi = rows.min(axis=0, keepdims=True), rows.max(axis=0, keepdims=True)
-    return qm.range_params(lo, hi, fmt.qtype, fmt.symmetric)
+    h = None if h_block is None else np.asarray(h_block, np.float32)
+    if len(ratios) == 1:  # nothing to compare
+        return qm.range_params(np.float32(ratios[0]) * lo, np.float32(ratios[0]) * hi, fmt.qtype, fmt.symmetric)
+    best = None
+    for r in ratios:
+        scale, zero = qm.range_params(np.float32(r) * lo, np.float32(r) * hi, fmt.qtype, fmt.symmetric)
+        delta = rows - qm.dequantize(qm.quantize(rows, scale, zero, fmt.qtype), scale, zero)
+        err = np.einsum("in,in->n", delta, delta if h is None else h @ delta, dtype=np.float64)
+        if best is None:
+            best = [err, scale, zero]
+            continue
+        better = err < best[0]
+        best = [np.where(better, err, best[0]), np.where(better, scale, best[1]), np.where(better, zero, best[2])]
+    return best[1], best[2].astype(fmt.qtype.numpy_dtype)
 
 
 def _row_params(static: qm.QuantizedTensor, perm: np.ndarray, device: torch.device):

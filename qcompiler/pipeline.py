@@ -32,9 +32,11 @@ Weight-only (``weight_only_passes``: ``--w4a16``, ``--w8a16``)::
     canonicalize, select targets (MatMul only)
     keep grid               weights already on a low-bit grid (GGUF, QAT) keep it exactly
     awq                     --method awq: per-channel scales folded into norms/linears,
-                            clipping searched, then round to nearest
+                            clipping searched, then round to nearest (awq-gptq: scales only)
     quantize weight-only    rtn | gptq (layers in order on the partly quantized model's
                             activations) | kmeans: a PackedWeight per MatMul
+                            (--method auto with calibration data: this list is compiled
+                            once per candidate method, qcompiler.weight_only_auto keeps one)
     quantize embeddings     large Gather tables as int8 rows
     emit                    ort-cpu: com.microsoft MatMulNBits; ort-cuda: qcompile Int4MatMul
                             (custom op, else MatMulNBits); qdq: opset-21
@@ -47,8 +49,10 @@ FP8 (``fp8_passes``: ``--fp8``)::
     canonicalize, select targets (MatMul/Gemm with constant weights; attention stays float)
     calibrate               the weighted ops' activation inputs (placement "weighted")
     quantize fp8 weights    E4M3 behind DequantizeLinear, per channel (per tensor: ort-cuda),
-                            rounded by GPTQ on the calibration Hessians; the LM head stays float
-    insert fp8 Q/DQ         static per-tensor scales amax/448 (minmax or mse on the fp8 grid)
+                            rounded by GPTQ on the calibration Hessians (search_scales: scales
+                            m·amax/448 searched against diag H); the LM head stays float
+    insert fp8 Q/DQ         static per-tensor scales amax/448 (minmax or mse on the fp8 grid;
+                            search_scales: m·amax/448, m searched on the readers' output error)
     quantize embeddings, clean up
     emit GemmFloat8         ort-cuda only: com.microsoft GemmFloat8, TN layout (transB=1)
 
@@ -95,14 +99,14 @@ from passes.quantize_embeddings import QuantizeEmbeddingsPass
 from passes.quantize_weight_only import QuantizeWeightOnlyPass, weight_format
 from passes.quantize_weights import QuantizeWeightsPass
 from passes.emit_gemm_float8 import EmitGemmFloat8Pass
-from passes.quantize_fp8 import FP8CalibratePass, InsertFP8QDQPass, QuantizeFP8WeightsPass
+from passes.quantize_fp8 import SEARCH_ROWS, FP8CalibratePass, InsertFP8QDQPass, QuantizeFP8WeightsPass
 from passes.quantize_kv_cache import QuantizeKVCachePass
 from passes.upgrade_opset import UpgradeOpsetPass
 from passes.select_targets import SelectTargetsPass, targets
 from passes.smoothquant import SmoothQuantPass, groups
-from qcompiler import ir_utils, verify
+from qcompiler import ir_utils, verify, weight_only_auto
 from qcompiler.calib_data import CalibrationInput
-from qcompiler.calibration import FeedSource
+from qcompiler.calibration import FeedSource, split_feeds
 from qcompiler.config import FP8Config, Int8MixedConfig, KVCacheConfig, W8A8Config, WeightOnlyConfig
 from qcompiler.errors import QCompileError
 from qcompiler.ranges import TensorStats
@@ -128,9 +132,10 @@ def weight_only_passes(
     if config.keep_grid:
         # Before any method: a weight on a grid must not be rescaled or re-rounded.
         passes.append(KeepGridPass(config.bits))
-    if method == "awq":
-        passes.append(AWQPass(feeds, weight_format(config), config.calibration, progress, config.lm_head_bits))
-    passes.append(QuantizeWeightOnlyPass(config, method, feeds, progress))
+    if method in ("awq", "awq-gptq"):  # awq-gptq: AWQ's scales only, then GPTQ on the scaled weights
+        passes.append(AWQPass(feeds, weight_format(config), config.calibration, progress, config.lm_head_bits,
+                              quantize=method == "awq"))
+    passes.append(QuantizeWeightOnlyPass(config, "gptq" if method == "awq-gptq" else method, feeds, progress))
     if config.quantize_embeddings:
         passes.append(QuantizeEmbeddingsPass())
     if config.target == "qdq":
@@ -182,10 +187,12 @@ def fp8_passes(config: FP8Config, feeds: FeedSource | None, progress: bool = Tru
         CanonicalizePass(),
         SelectTargetsPass(config.op_types, config.exclude),
         # Calibrate the float model before any rewrite; only the weighted ops' inputs (+ Hessians).
-        FP8CalibratePass(feeds, config.calibration, progress, hessians=config.method == "gptq"),
-        QuantizeFP8WeightsPass(config.per_channel, config.lm_head, gptq=config.method == "gptq"),
+        FP8CalibratePass(feeds, config.calibration, progress, hessians=config.method == "gptq",
+                         keep_rows=SEARCH_ROWS if config.search_scales else 0),
+        QuantizeFP8WeightsPass(config.per_channel, config.lm_head, gptq=config.method == "gptq",
+                               search_scales=config.search_scales),
         # Reads the fp8 weights' marks left by the previous pass.
-        InsertFP8QDQPass(config.calibration.method),
+        InsertFP8QDQPass(config.calibration.method, search_scales=config.search_scales),
     ]
     if config.quantize_embeddings:
         passes.append(QuantizeEmbeddingsPass())
@@ -214,6 +221,16 @@ def lowering_passes(config: W8A8Config | WeightOnlyConfig) -> list[ir.passes.Pas
     ]
 
 
+def _smoothing_scheme(config: W8A8Config) -> str:
+    """The activation scheme SmoothQuant's searched α is chosen for: with an accuracy target
+    and the per-token rung, per-token. The rung's floor is then the model with every layer per
+    token, which static-tuned α hurts (SmolLM2, held-apart: ×1.0247 at α = 0.8 against ×1.0063
+    searched), while static layers' own ranges keep their calibration."""
+    if config.accuracy_target is not None and config.per_token_fallback and config.smoothquant_alpha is None:
+        return config.per_token_fallback
+    return config.activations
+
+
 def qdq_passes(
     config: W8A8Config, feeds: FeedSource | None, progress: bool = True
 ) -> list[ir.passes.PassBase]:
@@ -227,10 +244,14 @@ def qdq_passes(
         passes.append(BlockwiseLMHeadPass())
     if config.smoothquant_on and feeds is None:
         raise QCompileError("SmoothQuant measures activations: pass --calib-data or --calib-text")
+    held_feeds = None
+    if config.accuracy_target is not None and feeds is not None:
+        # The target is measured on samples the ranges were not fitted to, as new data will be.
+        held_feeds, feeds = split_feeds(feeds, config.sensitivity_samples)
     if config.smoothquant is not False and feeds is not None:
         # Rescales the float model: before calibration, which must see the smoothed ranges.
         passes.append(SmoothQuantPass(
-            feeds, config.activations, config.smoothquant_alpha,
+            feeds, _smoothing_scheme(config), config.smoothquant_alpha,
             enabled=True if config.smoothquant_on else None,
             calibration=config.calibration, progress=progress,
         ))
@@ -251,8 +272,8 @@ def qdq_passes(
             # Before clean-up: puts layers back in float from the float weights and biases
             # that the Q/DQ model still holds.
             passes.append(KeepSensitiveFloatPass(
-                config.accuracy_target, feeds, config.sensitivity_samples, config.max_float_fraction,
-                progress=progress))
+                config.accuracy_target, held_feeds, config.sensitivity_samples, config.max_float_fraction,
+                progress=progress, per_token_scheme=config.per_token_fallback))
     else:
         passes += [
             QuantizeWeightsPass(),
@@ -386,6 +407,10 @@ def compile_model(
         feeds, digest = calibration.source(model), calibration.digest()
     if verify_samples and feeds is None:
         raise QCompileError("--verify runs calibration samples: pass --calib-data or --calib-text")
+    if isinstance(config, WeightOnlyConfig) and config.method == "auto" and feeds is not None:
+        del model  # each candidate compile loads its own
+        return weight_only_auto.compile_auto(model_path, output_path, config, feeds, digest, compile_model,
+                                             progress=progress, verify_samples=verify_samples, kv_cache=kv_cache)
     passes = quantization_passes(config, feeds, progress)
     if kv_cache is not None and not isinstance(config, KVCacheConfig):
         passes += kv_cache_passes(kv_cache)  # after the recipe: its calibration saw the float cache
@@ -459,8 +484,10 @@ class PlanKeepSensitiveFloatPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         count = len(targets(model))
         cap = int(self.search.max_float_fraction * count)
-        self.summary = (f"would keep at most {cap} of {count} layers in float to meet "
-                        f"{self.search.objective.kind} target {self.search.objective.bound:g} (measured at compile)")
+        rung = "per-token activations first, then " if self.search.per_token_scheme else ""
+        self.summary = (f"would move sensitive layers to {rung}float (at most {cap} of {count} layers in float) "
+                        f"to meet {self.search.objective.kind} target {self.search.objective.bound:g} "
+                        "(measured at compile on held-apart calibration samples)")
         return ir.passes.PassResult(model, modified=False)
 
 

@@ -1,25 +1,33 @@
-"""Sensitivity-driven mixed precision: keep the fewest layers in float that meet an accuracy target.
+"""Sensitivity-driven mixed precision: the gentlest change of precision that meets an accuracy target.
 
-The search, given ``loss(F)`` — the accuracy loss of the model with the layers ``F`` in float
-(perplexity increase, ``1 − cosine`` or ``1 − top-1 agreement``, measured on calibration data):
+A static W8A8 layer can move up two rungs: to **per-token** activations (int8 still, with a
+scale per row computed at run time: it follows the tokens a calibrated scale cannot) or to
+**float**. The search, given ``loss(F, P)`` — the accuracy loss of the model with the layers
+``F`` in float and ``P`` per token (perplexity increase, ``1 − cosine`` or ``1 − top-1
+agreement``, measured on calibration data):
 
 1. **Rank** the quantized layers by their own error: the SQNR of each layer's output against the
    same layer in float, both fed the quantized model's activation (lowest first).
-2. **Confirm** the ranking by ablation: for the ``candidates`` worst layers, the loss with that
-   one layer in float; order them by how much loss that removes.
-3. **Choose** the shortest prefix of that order whose loss meets the target: prefixes of 1, 2,
-   4, … layers, then a bisection between the last that failed and the first that met it, never
-   more than ``cap`` layers. When even ``cap`` layers do not meet the target, say so.
+2. **Per token first**: the shortest prefix of that ranking (among the layers that can run per
+   token) whose loss meets the target. No float layer is needed when one exists.
+3. Otherwise, with every such layer per token, **confirm** the ranking by ablation: for the
+   ``candidates`` worst layers, the loss with that one layer in float; order them by how much
+   loss that removes. Then **choose** the shortest prefix of that order whose loss meets the
+   target, never more than ``cap`` layers. When even ``cap`` layers do not, say so.
+4. With those float layers, move back to static the layers that no longer need per-token
+   scales: keep the shortest prefix of the ranking per token that still meets the target.
 
-The graph plumbing (a model whose layers switch between float and quantized by a boolean input
-each, so one ONNX Runtime session measures every choice) is ``passes.keep_sensitive_float``.
+Shortest prefixes are found by doubling (1, 2, 4, … layers), then a bisection between the last
+that failed and the first that met the target (``shortest_prefix``). The graph plumbing (a
+model whose layers switch precision by boolean inputs, so one ONNX Runtime session measures
+every choice) is ``passes.keep_sensitive_float``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import numpy as np
 
@@ -119,84 +127,136 @@ def pooled(output: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
 
 @dataclasses.dataclass
 class Decision:
-    """What the search found. ``kept_float``: in the order chosen. ``losses``: the loss for
-    each evaluated set size (0 = everything quantized)."""
+    """What the search found. ``per_token``: layers whose activations are quantized per token
+    at run time instead of with a static scale; ``kept_float``: layers left in float, in the
+    order chosen. ``losses``: each evaluated choice (``"float k"``, ``"per-token k"``, ...) and
+    its loss, in the order measured; ``final_loss``: the chosen one's."""
 
     objective: Objective
-    kept_float: list[str]
     layer_sqnr: dict[str, float]
-    ablation_gain: dict[str, float]
-    losses: dict[int, float]
     total_layers: int
-
-    @property
-    def final_loss(self) -> float:
-        return self.losses[len(self.kept_float)]
+    kept_float: list[str] = dataclasses.field(default_factory=list)
+    per_token: list[str] = dataclasses.field(default_factory=list)
+    ablation_gain: dict[str, float] = dataclasses.field(default_factory=dict)
+    losses: dict[str, float] = dataclasses.field(default_factory=dict)
+    final_loss: float = math.nan
 
     def as_dict(self) -> dict:
+        def layer(n: str) -> dict:
+            return {"node": n, "layer_sqnr_db": self.layer_sqnr.get(n), "ablation_gain": self.ablation_gain.get(n)}
+
         return {
             "objective": dataclasses.asdict(self.objective),
-            "kept_float": [{"node": n, "layer_sqnr_db": self.layer_sqnr.get(n), "ablation_gain": self.ablation_gain.get(n)}
-                           for n in self.kept_float],
-            "loss_by_count": {str(k): v for k, v in sorted(self.losses.items())},
+            "kept_float": [layer(n) for n in self.kept_float],
+            "per_token": [layer(n) for n in self.per_token],
+            "loss_by_choice": self.losses,
+            "final_loss": self.final_loss,
             "quantized_layers": self.total_layers - len(self.kept_float),
             "total_layers": self.total_layers,
         }
 
     def summary(self) -> str:
-        return (f"{len(self.kept_float)} of {self.total_layers} layers kept in float; "
+        per_token = f"{len(self.per_token)} switched to per-token activations, " if self.per_token else ""
+        return (f"{per_token}{len(self.kept_float)} of {self.total_layers} layers kept in float; "
                 f"{self.objective.describe(self.final_loss)} on the calibration samples")
 
 
-def choose_float_layers(
+Loss = Callable[[frozenset[str], frozenset[str]], float]
+
+
+def choose_precisions(
     layer_sqnr: dict[str, float],
-    loss: Callable[[frozenset[str]], float],
+    loss: Loss,
     objective: Objective,
     cap: int,
     candidates: int,
+    per_token: Collection[str] = (),
     progress: Callable[[str], None] = lambda _: None,
 ) -> Decision:
-    """The search of the module docstring. ``loss(F)`` measures the model with ``F`` in float."""
+    """The search of the module docstring. ``loss(F, P)`` measures the model with the layers
+    ``F`` in float and ``P`` quantized per token; ``per_token``: the layers that can be."""
     ranked = sorted(layer_sqnr, key=lambda n: layer_sqnr[n])
-    losses = {0: loss(frozenset())}
-    decision = Decision(objective, [], layer_sqnr, {}, losses, len(layer_sqnr))
-    if losses[0] <= objective.limit:
+    decision = Decision(objective, layer_sqnr, len(layer_sqnr))
+
+    def measure(label: str, in_float: Sequence[str], tokens: Sequence[str]) -> float:
+        if label not in decision.losses:
+            progress(label)
+            decision.losses[label] = loss(frozenset(in_float), frozenset(tokens) - frozenset(in_float))
+        return decision.losses[label]
+
+    decision.final_loss = measure("none", (), ())
+    if decision.final_loss <= objective.limit:
         return decision
+    rung = [n for n in ranked if n in set(per_token)]
+    if rung:
+        k = shortest_prefix(lambda k: measure(f"per-token {k}", (), rung[:k]) <= objective.limit, len(rung))
+        if k is not None:
+            decision.per_token, decision.final_loss = rung[:k], decision.losses[f"per-token {k}"]
+            return decision
+    _choose_float(decision, ranked, measure, rung, cap, candidates, progress)
+    if rung:
+        _trim_per_token(decision, measure, [n for n in rung if n not in set(decision.kept_float)])
+    return decision
+
+
+def _trim_per_token(decision: Decision, measure, rest: list[str]) -> None:
+    """Step 4: with the float layers chosen, the shortest prefix of ``rest`` still per token."""
+    in_float, limit = decision.kept_float, decision.objective.limit
+
+    def label(k: int) -> str:
+        return f"float {len(in_float)} + per-token {k}"
+
+    k = 0 if measure(label(0), in_float, ()) <= limit else shortest_prefix(
+        lambda k: measure(label(k), in_float, rest[:k]) <= limit, len(rest))
+    if k is not None:  # None: not monotone after all; keep every layer per token
+        decision.per_token, decision.final_loss = rest[:k], decision.losses[label(k)]
+    else:
+        decision.per_token = rest
+
+
+def _choose_float(decision: Decision, ranked: list[str], measure, rung: list[str], cap: int, candidates: int,
+                  progress: Callable[[str], None]) -> None:
+    """Steps 2 and 3 with every layer of ``rung`` per token: ablation, then the shortest prefix."""
+    objective = decision.objective
+    rest = " + per-token rest" if rung else ""
+    base = measure(f"float 0{rest}", (), rung)
     if cap < 1:
-        raise QCompileError(f"{objective.describe(losses[0])} with every layer quantized, and no layer "
-                            "may stay in float: raise --max-float-fraction")
+        raise QCompileError(f"{objective.describe(base)} with {_quantized(rung)}, and no layer may stay in float: "
+                            "raise --max-float-fraction")
     pool = ranked[: max(candidates, cap)]
     for i, name in enumerate(pool):
         progress(f"ablation {i + 1}/{len(pool)}")
-        decision.ablation_gain[name] = losses[0] - loss(frozenset([name]))
+        decision.ablation_gain[name] = base - measure(f"float [{name}]{rest}", [name], rung)
     order = sorted(pool, key=lambda n: -decision.ablation_gain[n])
+    last = min(cap, len(order))
+    k = shortest_prefix(lambda k: measure(f"float {k}{rest}", order[:k], rung) <= objective.limit, last)
+    if k is None:
+        raise QCompileError(
+            f"{objective.describe(decision.losses[f'float {last}{rest}'])} with the {last} most sensitive of "
+            f"{decision.total_layers} layers in float (the cap) and {_quantized(rung)}; "
+            f"{objective.describe(decision.losses['none'])} with none: raise --max-float-fraction, "
+            "or quantize more gently (SmoothQuant, per-token activations)")
+    decision.kept_float, decision.final_loss = order[:k], decision.losses[f"float {k}{rest}"]
 
-    def measure(k: int) -> float:
-        if k not in losses:
-            progress(f"{k} layers in float")
-            losses[k] = loss(frozenset(order[:k]))
-        return losses[k]
 
-    low, high, k = 0, None, 1  # low: largest count known to fail
-    while k <= min(cap, len(order)):
-        if measure(k) <= objective.limit:
-            high = k
-            break
+def _quantized(rung: list[str]) -> str:
+    return f"per-token activations in all {len(rung)} layers that take them" if rung else "every other layer quantized"
+
+
+def shortest_prefix(meets: Callable[[int], bool], most: int) -> int | None:
+    """The smallest ``k`` in ``1..most`` with ``meets(k)``, for ``meets`` monotone in ``k``:
+    ``k`` = 1, 2, 4, … up to ``most``, then a bisection between the last failure and the first
+    success (about ``2·log2(most)`` calls). None when ``meets(most)`` fails."""
+    low, k = 0, 1
+    while k < most and not meets(k):
         low, k = k, k * 2
-    if high is None:
-        last = min(cap, len(order))
-        if measure(last) <= objective.limit:
-            high = last
-        else:
-            raise QCompileError(
-                f"{objective.describe(losses[last])} with the {last} most sensitive of {len(layer_sqnr)} layers "
-                f"in float (the cap); {objective.describe(losses[0])} with none: raise --max-float-fraction, "
-                "or quantize more gently (SmoothQuant, per-token activations)")
+    high = min(k, most)
+    if high < 1 or not meets(high):
+        return None
     while high - low > 1:
         mid = (low + high) // 2
-        if measure(mid) <= objective.limit:
+        if meets(mid):
             high = mid
         else:
             low = mid
-    decision.kept_float = order[:high]
-    return decision
+    return high

@@ -34,7 +34,7 @@ def mlp() -> onnx.ModelProto:
         {"w1": w1, "w2": rng.normal(0, 0.2, (48, 16)).astype(np.float32)})
 
 
-def _samples(n: int = 4) -> list[dict]:
+def _samples(n: int = 8) -> list[dict]:
     rng = np.random.default_rng(3)
     x = rng.normal(size=(n, 1, 8, 32)).astype(np.float32)
     x[..., 5] *= 300.0  # fc1's input: one channel ~300× the rest
@@ -106,10 +106,94 @@ def test_cli_flags(tmp_path, capsys):
                  "--min-cosine", "0.9999", "--max-float-fraction", "0.5", "-o", str(out), "--quiet"]) == 0
     assert main(["plan", str(src), "--w8a8", "--calib-data", str(tmp_path / "c.npz"), "--min-cosine", "0.9",
                  "--max-float-fraction", "0.5"]) == 0
-    assert "would keep at most 1 of 2 layers in float" in capsys.readouterr().out
+    assert "per-token activations first, then float (at most 1 of 2 layers in float)" in capsys.readouterr().out
     assert main([str(src), "--w8a8", "--max-ppl-increase", "1", "-o", str(out)]) == 2
     assert main([str(src), "--w8a8", "--calib-data", str(tmp_path / "c.npz"), "--min-cosine", "0.9",
                  "--min-top1-agreement", "0.9", "-o", str(out)]) == 2
     assert main([str(src), "--w4a16", "--min-cosine", "0.9", "-o", str(out)]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 3 and all(e.startswith("qcompile: error:") for e in errors)
+
+
+def one_layer() -> onnx.ModelProto:
+    """x[B,S,32] → fc → y: a single MatMul (for an exact reference of its per-token lowering)."""
+    rng = np.random.default_rng(1)
+    return make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", 24])],
+        {"w": rng.normal(0, 0.2, (32, 24)).astype(np.float32)})
+
+
+def _sink_samples(n: int = 8) -> list[dict]:
+    """Token 0 of every sample is ~100× the others (an attention-sink token): a per-tensor scale
+    set by it leaves the other tokens a few levels; per-token scales follow each token."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(n, 1, 8, 32)).astype(np.float32)
+    x[:, :, 0] *= 100.0
+    return [{"x": s} for s in x]
+
+
+def _per_token_reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """numpy: asymmetric uint8 per-row activations (``passes.dynamic_activations``) times
+    symmetric int8 per-column weights."""
+    w_scale = np.abs(w).max(axis=0) / 127.0
+    w_hat = np.round(w / w_scale) * w_scale
+    low, high = x.min(axis=-1, keepdims=True), x.max(axis=-1, keepdims=True)
+    scale = (high - low) / 255.0
+    x_hat = np.round((x - low) / scale) * scale + low
+    return x_hat @ w_hat
+
+
+def test_per_token_rung_fixes_a_sink_token_without_float(tmp_path):
+    # top-1 over each token's 24 outputs: static 0.56 (the sink sets the scale), per-token 1.0
+    src, out = tmp_path / "fc.onnx", tmp_path / "fc.mixed.onnx"
+    onnx.save(one_layer(), src)
+    feeds = _sink_samples()
+    config = W8A8Config(activations="static", smoothquant=False, accuracy_target=Objective("top1", 0.95))
+    pipeline.compile_model(src, out, config, feeds=lambda: iter(feeds), progress=False)
+    model = onnx.load(out)
+    decision = __import__("json").loads({p.key: p.value for p in model.metadata_props}[DECISION_KEY])
+    assert [d["node"] for d in decision["per_token"]] == ["fc"] and decision["kept_float"] == []
+    assert {"ReduceMin", "MatMulIntegerToFloat"} <= {n.op_type for n in model.graph.node}
+    assert not any(n.op_type in ("DequantizeLinear", "QLinearMatMul") for n in model.graph.node)  # static path gone
+    w = onnx.numpy_helper.to_array(one_layer().graph.initializer[0])
+    got = create_session(str(out))
+    for feed in feeds:
+        np.testing.assert_allclose(got.run(None, feed)[0], _per_token_reference(feed["x"], w), rtol=1e-4, atol=1e-4)
+
+
+def test_fallback_float_keeps_the_old_ladder(tmp_path):
+    src, out = tmp_path / "fc.onnx", tmp_path / "fc.float.onnx"
+    onnx.save(one_layer(), src)
+    feeds = _sink_samples()
+    config = W8A8Config(activations="static", smoothquant=False, accuracy_target=Objective("top1", 0.95),
+                        max_float_fraction=1.0, fallback="float")
+    pipeline.compile_model(src, out, config, feeds=lambda: iter(feeds), progress=False)
+    decision = __import__("json").loads({p.key: p.value for p in onnx.load(out).metadata_props}[DECISION_KEY])
+    assert [d["node"] for d in decision["kept_float"]] == ["fc"] and decision["per_token"] == []
+    with pytest.raises(QCompileError, match="--fallback per-token is an ONNX Runtime CPU lowering"):
+        W8A8Config(activations="static", target="qdq", fallback="per-token")
+
+
+def test_target_is_measured_on_samples_the_ranges_never_saw(tmp_path):
+    from qcompiler.calibration import split_feeds
+
+    held, rest = split_feeds(lambda: iter(range(6)), 4)
+    assert list(held()) == [0, 1, 2, 3] and list(rest()) == [4, 5]
+    src = tmp_path / "mlp.onnx"
+    onnx.save(mlp(), src)
+    feeds = _samples(4)
+    config = W8A8Config(activations="static", smoothquant=False, accuracy_target=Objective("cosine", 0.9999))
+    with pytest.raises(QCompileError, match=r"measured on 4 calibration samples held apart"):
+        pipeline.compile_model(src, tmp_path / "o.onnx", config, feeds=lambda: iter(feeds), progress=False)
+
+
+def test_smoothquant_alpha_is_searched_for_the_rung_below_static():
+    from qcompiler.pipeline import _smoothing_scheme
+
+    target = Objective("ppl", 1.0)
+    assert _smoothing_scheme(W8A8Config(activations="static", accuracy_target=target)) == "per-token"
+    assert _smoothing_scheme(W8A8Config(activations="static", accuracy_target=target, fallback="float")) == "static"
+    assert _smoothing_scheme(W8A8Config(activations="static", accuracy_target=target, smoothquant_alpha=0.8)) == "static"
+    assert _smoothing_scheme(W8A8Config(activations="static")) == "static"

@@ -11,13 +11,15 @@ from qcompiler import sensitivity as sens
 from qcompiler.errors import QCompileError
 
 
-def _additive(costs: dict[str, float], calls: list | None = None):
-    """loss(F) = Σ_{n ∉ F} costs[n]: each layer adds its own loss."""
+def _additive(costs: dict[str, float], calls: list | None = None, per_token: dict[str, float] | None = None):
+    """loss(F, P) = Σ_{n ∉ F} (per_token[n] if n ∈ P else costs[n]): each layer adds its own loss."""
+    per_token = per_token or {}
 
-    def loss(in_float: frozenset[str]) -> float:
+    def loss(in_float: frozenset[str], tokens: frozenset[str] = frozenset()) -> float:
+        assert not in_float & tokens
         if calls is not None:
             calls.append(in_float)
-        return sum(c for n, c in costs.items() if n not in in_float)
+        return sum(per_token[n] if n in tokens else c for n, c in costs.items() if n not in in_float)
 
     return loss
 
@@ -26,7 +28,7 @@ def test_chooses_the_fewest_layers_by_ablation_not_by_rank():
     costs = {"a": 0.004, "b": 0.0001, "c": 0.006, "d": 0.0002, "e": 0.0001}
     # Ranking puts b first (lowest SQNR) but ablation shows c and a matter.
     sqnr = {"b": 10.0, "c": 12.0, "a": 15.0, "d": 20.0, "e": 30.0}
-    decision = sens.choose_float_layers(sqnr, _additive(costs), sens.Objective("ppl", 0.1), cap=3, candidates=5)
+    decision = sens.choose_precisions(sqnr, _additive(costs), sens.Objective("ppl", 0.1), cap=3, candidates=5)
     assert decision.kept_float == ["c", "a"]
     assert decision.final_loss == pytest.approx(0.0004)
     assert decision.ablation_gain["c"] == pytest.approx(0.006)
@@ -34,16 +36,48 @@ def test_chooses_the_fewest_layers_by_ablation_not_by_rank():
 
 def test_nothing_kept_when_the_target_is_already_met():
     calls = []
-    decision = sens.choose_float_layers({"a": 1.0}, _additive({"a": 0.001}, calls), sens.Objective("ppl", 1.0),
+    decision = sens.choose_precisions({"a": 1.0}, _additive({"a": 0.001}, calls), sens.Objective("ppl", 1.0),
                                         cap=1, candidates=1)
     assert decision.kept_float == [] and calls == [frozenset()]
+
+
+def test_per_token_rung_first_when_it_is_enough():
+    costs = {f"l{i}": 0.01 for i in range(10)}
+    sqnr = {n: float(i) for i, n in enumerate(costs)}  # l0 worst
+    tokens = {n: 0.001 for n in costs}
+    decision = sens.choose_precisions(sqnr, _additive(costs, per_token=tokens), sens.Objective("ppl", 6.0),
+                                      cap=2, candidates=4, per_token=list(costs))
+    # k per-token layers: 0.1 − 0.009·k ≤ 0.06 → k ≥ 4.44: the five worst-ranked
+    assert decision.per_token == ["l0", "l1", "l2", "l3", "l4"] and decision.kept_float == []
+    assert decision.final_loss == pytest.approx(0.055)
+
+
+def test_float_on_top_of_per_token_then_per_token_trimmed():
+    costs = {"a": 0.05, "b": 0.02, "c": 0.02, "d": 0.001}
+    tokens = {"a": 0.04, "b": 0.002, "c": 0.002, "d": 0.001}  # a needs float; b, c need per-token
+    sqnr = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}
+    decision = sens.choose_precisions(sqnr, _additive(costs, per_token=tokens), sens.Objective("ppl", 1.0),
+                                      cap=1, candidates=4, per_token=["a", "b", "c", "d"])
+    assert decision.kept_float == ["a"]
+    assert decision.per_token == ["b", "c"]  # d gains nothing per token: back to static
+    assert decision.final_loss == pytest.approx(0.005)
+    assert decision.as_dict()["per_token"][0]["node"] == "b"
+
+
+def test_shortest_prefix_matches_a_linear_scan():
+    for most in range(0, 40):
+        for first in range(1, most + 2):
+            calls = []
+            got = sens.shortest_prefix(lambda k: calls.append(k) or k >= first, most)
+            assert got == (first if first <= most else None)
+            assert len(calls) <= 2 * max(1, most).bit_length() + 1
 
 
 def test_bisection_finds_the_shortest_prefix():
     costs = {f"l{i}": 0.01 for i in range(20)}
     sqnr = {n: float(i) for i, n in enumerate(costs)}
     calls = []
-    decision = sens.choose_float_layers(sqnr, _additive(costs, calls), sens.Objective("ppl", 5.5), cap=20, candidates=20)
+    decision = sens.choose_precisions(sqnr, _additive(costs, calls), sens.Objective("ppl", 5.5), cap=20, candidates=20)
     assert len(decision.kept_float) == 15  # 0.20 − 15·0.01 = 0.05 ≤ 0.055; 14 leaves 0.06
     searched = [len(f) for f in calls if len(f) > 1]
     assert len(searched) <= 8  # doubling then bisection, not a linear scan
@@ -52,7 +86,7 @@ def test_bisection_finds_the_shortest_prefix():
 def test_cap_reached_is_a_clear_error():
     costs = {f"l{i}": 0.01 for i in range(10)}
     with pytest.raises(QCompileError, match=r"with the 2 most sensitive of 10 layers in float \(the cap\)"):
-        sens.choose_float_layers({n: 0.0 for n in costs}, _additive(costs), sens.Objective("ppl", 1.0),
+        sens.choose_precisions({n: 0.0 for n in costs}, _additive(costs), sens.Objective("ppl", 1.0),
                                  cap=2, candidates=4)
 
 
