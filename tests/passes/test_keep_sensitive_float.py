@@ -197,3 +197,27 @@ def test_smoothquant_alpha_is_searched_for_the_rung_below_static():
     assert _smoothing_scheme(W8A8Config(activations="static", accuracy_target=target, fallback="float")) == "static"
     assert _smoothing_scheme(W8A8Config(activations="static", accuracy_target=target, smoothquant_alpha=0.8)) == "static"
     assert _smoothing_scheme(W8A8Config(activations="static")) == "static"
+
+
+@pytest.mark.parametrize("scheme", ["per-token", "per-token-sym"])
+def test_switchboard_simulates_the_per_token_lowering(scheme):
+    """The search's float simulation T(x) equals numpy's per-token quantization (the lowering's
+    numbers, checked against the same reference above)."""
+    from passes.keep_sensitive_float import _Switchboard, _switches
+
+    feeds = _sink_samples()
+    model = ir.from_proto(one_layer())
+    config = W8A8Config(activations="static", smoothquant=False)
+    pipeline.run_passes(model, pipeline.quantization_passes(config, lambda: iter(feeds), progress=False)[:6])  # up to InsertStaticQDQPass
+    board = _Switchboard(model, _switches(model), None, scheme)
+    w = onnx.numpy_helper.to_array(one_layer().graph.initializer[0])
+    got = board.run(feeds, frozenset(), frozenset({"fc"}), ["y"])
+    for feed, y in zip(feeds, got):
+        x = feed["x"]
+        if scheme == "per-token":
+            want = _per_token_reference(x, w)
+        else:
+            w_scale = np.abs(w).max(axis=0) / 127.0
+            x_scale = np.abs(x).max(axis=-1, keepdims=True) / 127.0
+            want = (np.round(x / x_scale) * x_scale) @ (np.round(w / w_scale) * w_scale)
+        np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
