@@ -7,14 +7,15 @@ perplexity on 16 held-apart windows × 512 tokens; ONNX Runtime CPU, 2 threads):
 1. Without SmoothQuant: rank the quantized layers by `diff --data` (SQNR at each layer's
    output, 4 calibration windows), then compile again with the top-k layers kept in float and
    with k random layers kept in float (two seeds), k = 5, 10, 21 (21 = 10% of 211 MatMuls).
-2. `--max-ppl-increase 1` with SmoothQuant (α = 0.8) and without it, with the default ladder
-   (sensitive layers to per-token activations first, then float) and with `--fallback float`
-   (cap raised to 50% without SmoothQuant): how many layers go per-token and float, and the
-   held-apart perplexity. The target's 4 samples are held apart from the ranges' 16 windows.
+2. `--max-ppl-increase 1` with SmoothQuant and without it: the default (α searched for the
+   per-token rung; sensitive layers to per-token activations first, then float), `--fallback
+   float` (α = 0.8 with SmoothQuant; cap raised to 50% without): how many layers go per-token
+   and float, and the held-apart perplexity. The target's 8 samples (spread over the
+   calibration windows) are held apart from the ranges' 16 windows.
 
 Writes ``bench/results/sensitivity.{json,md}``.
 
-    python bench/sensitivity.py [--ks 5 10 21] [--work out/bench] [--targets-only]
+    python bench/sensitivity.py [--ks 5 10 21] [--work out/bench] [--targets-only] [--targets default ...]
 """
 
 from __future__ import annotations
@@ -42,6 +43,18 @@ from runtime.session import create_session  # noqa: E402
 CALIB_WINDOWS = 16
 RANK_WINDOWS = 4
 TARGET_WINDOWS = W8A8Config.sensitivity_samples  # held apart from the ranges by the target
+_TARGET = Objective("ppl", 1.0)
+TARGET_ROWS = {  # part 2
+    "default": ("--max-ppl-increase 1 (default: SmoothQuant, per-token rung)", W8A8Config(
+        activations="static", accuracy_target=_TARGET)),
+    "alpha-float": ("--max-ppl-increase 1, SmoothQuant α=0.8, --fallback float", W8A8Config(
+        activations="static", smoothquant_alpha=0.8, accuracy_target=_TARGET, fallback="float")),
+    "no-sq": ("--max-ppl-increase 1, no SmoothQuant", W8A8Config(
+        activations="static", smoothquant=False, accuracy_target=_TARGET)),
+    "no-sq-float": ("--max-ppl-increase 1, no SmoothQuant, --fallback float (cap 50%)", W8A8Config(
+        activations="static", smoothquant=False, accuracy_target=_TARGET, max_float_fraction=0.5,
+        fallback="float")),
+}
 
 
 def main() -> None:
@@ -52,6 +65,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=base.ROOT / "bench" / "results")
     parser.add_argument("--targets-only", action="store_true",
                         help="redo part 2 only, keeping part 1's rows from the last results")
+    parser.add_argument("--targets", nargs="+", choices=list(TARGET_ROWS), default=list(TARGET_ROWS),
+                        help="which rows of part 2 to run (default: all)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     float_path = models.export("smollm2").onnx_path
@@ -86,18 +101,7 @@ def main() -> None:
         state["ranking"] = previous["ranking"]
     else:
         rank_and_ablate(args, calib, float_path, build, state)
-    target = Objective("ppl", 1.0)
-    for label, config in (
-        ("--max-ppl-increase 1, SmoothQuant α=0.8", W8A8Config(
-            activations="static", smoothquant_alpha=0.8, accuracy_target=target)),
-        ("--max-ppl-increase 1, SmoothQuant α=0.8, --fallback float", W8A8Config(
-            activations="static", smoothquant_alpha=0.8, accuracy_target=target, fallback="float")),
-        ("--max-ppl-increase 1, no SmoothQuant", W8A8Config(
-            activations="static", smoothquant=False, accuracy_target=target)),
-        ("--max-ppl-increase 1, no SmoothQuant, --fallback float (cap 50%)", W8A8Config(
-            activations="static", smoothquant=False, accuracy_target=target, max_float_fraction=0.5,
-            fallback="float")),
-    ):
+    for label, config in (TARGET_ROWS[key] for key in args.targets):
         try:  # the target's samples are held apart: the ranges still see CALIB_WINDOWS windows
             path = build(label, config, calib=target_calib)
         except Exception as exc:  # the target not met is a result too

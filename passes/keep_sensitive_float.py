@@ -1,9 +1,11 @@
 """Move the fewest, most sensitive static layers up to per-token activations or float, until the
 model meets an accuracy target.
 
-Runs on the QDQ model right after ``InsertStaticQDQPass``, before clean-up: each target ``t``
-then reads ``DQ(Q(x_t))`` and ``DQ(W_t^q)``, and its float weight is still known
-(``QuantTarget.weight``). To measure many choices cheaply the pass serializes one *switchboard*
+Runs on the QDQ model after every other quantization (embedding tables, the LM head), so what
+it measures is the model as it will run, and before clean-up: each target ``t`` then reads
+``DQ(Q(x_t))`` and ``DQ(W_t^q)``, and its float weight is still known (``QuantTarget.weight``).
+The float model's outputs it measures against were kept before any of that
+(``passes.float_reference``). To measure many choices cheaply the pass serializes one *switchboard*
 model: for every target boolean graph inputs ``f_t`` (float) and ``p_t`` (per token; MatMul and
 Gemm only, when a per-token scheme is given) and ::
 
@@ -33,6 +35,7 @@ import onnx_ir as ir
 
 from passes.bias_correction import BIAS_BEFORE_KEY
 from passes.dynamic_activations import LowerDynamicActivationsPass
+from passes.float_reference import FloatReferencePass
 from passes.insert_static_qdq import ACTIVATION_KEY
 from passes.quantize_weights import WEIGHT_KEY
 from passes.select_targets import TARGET_KEY, QuantTarget
@@ -86,16 +89,21 @@ def _switches(model: ir.Model) -> list[_Switch]:
 
 class KeepSensitiveFloatPass(ir.passes.InPlacePass):
     """Meet ``objective`` on the first ``samples`` of ``feeds`` (the pipeline holds them apart
-    from the ranges) with at most ``max_float_fraction`` of the quantized layers in float
+    from the ranges; ``qcompiler.calibration.split_feeds``) with at most ``max_float_fraction`` of the quantized layers in float
     (``qcompiler.sensitivity``).
     ``candidates``: layers checked by ablation (at least the cap). ``per_token_scheme``
     (``per-token``, ``per-token-sym`` or None): the rung below float, if any. ``decision`` holds
-    the result. Idempotent: a model with no quantized target left to switch is not modified."""
+    the result. ``margin``: standard errors of the per-sample mean added to every loss
+    (``Scorer.loss``). ``reference``: the pass that kept the float model's outputs on the same samples
+    (else the model with every target in float stands in for it). Idempotent: a model with no
+    quantized target left to switch is not modified."""
 
-    def __init__(self, objective: sensitivity.Objective, feeds: FeedSource, samples: int = 4,
+    def __init__(self, objective: sensitivity.Objective, feeds: FeedSource, samples: int = 8,
                  max_float_fraction: float = 0.1, candidates: int = 16, threads: int | None = None,
-                 progress: bool = True, per_token_scheme: str | None = None) -> None:
+                 progress: bool = True, per_token_scheme: str | None = None,
+                 reference: FloatReferencePass | None = None, margin: float = 0.0) -> None:
         super().__init__()
+        self.reference, self.margin = reference, margin
         self.objective, self.feeds, self.samples = objective, feeds, samples
         self.per_token_scheme = per_token_scheme
         self.max_float_fraction, self.candidates = max_float_fraction, candidates
@@ -113,13 +121,17 @@ class KeepSensitiveFloatPass(ir.passes.InPlacePass):
         board = _Switchboard(model, switches, self.threads, self.per_token_scheme)
         outputs = [o.name for o in model.graph.outputs][:1]
         everything = frozenset(s.name for s in switches)
-        scorer = sensitivity.Scorer(self.objective, feeds, board.run(feeds, everything, frozenset(), outputs))
+        if self.reference is not None and self.reference.outputs is not None:
+            float_outputs = self.reference.outputs
+        else:  # the targets switched back: float but for what other passes quantized
+            float_outputs = board.run(feeds, everything, frozenset(), outputs)
+        scorer = sensitivity.Scorer(self.objective, feeds, float_outputs)
         layer_sqnr = board.layer_sqnr(feeds)
         say = (lambda text: print(f"  sensitivity: {text}", flush=True)) if self.progress else (lambda _: None)
         self.decision = sensitivity.choose_precisions(
-            layer_sqnr, lambda f, p: scorer.loss(board.run(feeds, f, p, outputs)), self.objective,
+            layer_sqnr, lambda f, p: scorer.loss(board.run(feeds, f, p, outputs), self.margin), self.objective,
             cap=int(self.max_float_fraction * len(switches)), candidates=self.candidates,
-            per_token=[s.name for s in board.per_token_switches], progress=say)
+            per_token=[s.name for s in board.per_token_switches], progress=say, margin=self.margin)
         in_float, per_token = set(self.decision.kept_float), set(self.decision.per_token)
         for switch in switches:
             if switch.name in in_float:

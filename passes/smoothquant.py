@@ -51,7 +51,8 @@ from qcompiler.config import CalibrationConfig
 
 OUTLIER_RATIO = 20.0
 EXPLICIT_MUL_GAIN = 2.0
-ROW_SAMPLE = 256  # calibration rows per activation for the α search
+ROW_SAMPLE = 256  # calibration rows per activation for the α search, uniform ...
+HEAVY_ROWS = 64  # ... and those of largest magnitude (RowSample.weighted)
 SMOOTHED_KEY = "qcompile.smoothed"
 PATH_OPS = frozenset({"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Flatten", "Identity"})
 MAX_PATH = 12
@@ -454,7 +455,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         stats = collect_stats(
             model, [g.activation for g in found], self.feeds(),
             mask_padding=self.calibration.mask_padding, max_samples=self.calibration.max_samples,
-            progress=self.progress, keep_rows=ROW_SAMPLE, histogram=False,
+            progress=self.progress, keep_rows=ROW_SAMPLE, histogram=False, heavy_rows=HEAVY_ROWS,
         )
         worst = max(smoothing.outlier_ratio(stats[g.activation.name].channel_absmax) for g in found)
         if self.enabled is None and worst < OUTLIER_RATIO:
@@ -473,7 +474,8 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         channels = smoothing.ChannelRange(stats.channel_min, stats.channel_max)
         grid = (self.alpha,) if self.alpha is not None else smoothing.ALPHA_GRID
         tied = group.absorber.tied if group.absorber is not None else None
-        choice = smoothing.search_alpha(stats.rows.sample, group.stacked_weight(), channels, self.scheme, grid, tied)
+        rows, weights = stats.rows.weighted()
+        choice = smoothing.search_alpha(rows, group.stacked_weight(), channels, self.scheme, grid, tied, weights)
         decision = {"layers": group.name, "absorber": group.absorber.kind if group.absorber else None,
                     "refusal": group.refusal, "alpha": choice.alpha,
                     "error": choice.error, "unsmoothed_error": choice.unsmoothed_error}

@@ -13,7 +13,7 @@ the ranges of every layer.
 from __future__ import annotations
 
 import contextlib
-import itertools
+import functools
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
@@ -34,20 +34,34 @@ Feed = Mapping[str, np.ndarray]
 FeedSource = Callable[[], Iterable[Feed]]
 
 
+def held_indices(n: int, held: int) -> list[int]:
+    """``held`` of the sample indices ``0..n-1``, one in the middle of each of ``held`` equal
+    strides: ``(2i + 1)·n // (2·held)``. Calibration sets are drawn in order (consecutive windows
+    of a few articles): spread out, the held samples cover as many of them as the set does."""
+    return [(2 * i + 1) * n // (2 * held) for i in range(held)]
+
+
 def split_feeds(feeds: FeedSource, held: int) -> tuple[FeedSource, FeedSource]:
-    """``(first held samples, the rest)``: a measurement kept apart from what is fitted on the
-    rest. The rest must not be empty."""
+    """``(held samples, the rest)``: ``held`` samples spread over ``feeds`` (``held_indices``)
+    for a measurement kept apart from what is fitted on the rest. The samples are counted when
+    either source is first read; the rest must not be empty."""
 
-    def rest() -> Iterator[Feed]:
-        samples = itertools.islice(feeds(), held, None)
-        first = next(samples, None)
-        if first is None:
+    @functools.cache
+    def chosen() -> frozenset[int]:
+        n = sum(1 for _ in feeds())
+        if n <= held:
             raise QCompileError(f"the accuracy target is measured on {held} calibration samples held apart "
-                                "(--sensitivity-samples); pass more calibration samples than that")
-        yield first
-        yield from samples
+                                f"(--sensitivity-samples); pass more calibration samples than that (got {n})")
+        return frozenset(held_indices(n, held))
 
-    return (lambda: itertools.islice(feeds(), held)), rest
+    def pick(keep: bool) -> FeedSource:
+        def source() -> Iterator[Feed]:
+            marks = chosen()
+            return (f for i, f in enumerate(feeds()) if (i in marks) == keep)
+
+        return source
+
+    return pick(True), pick(False)
 
 
 def collect_stats(
@@ -61,13 +75,16 @@ def collect_stats(
     progress: bool = True,
     keep_rows: int = 0,
     histogram: bool = True,
+    heavy_rows: int = 0,
 ) -> dict[str, TensorStats]:
     """Statistics of ``values`` (by name) over the float model's run on ``feeds``;
     ``channel_axes`` gives a value's channel axis (default: the last); ``keep_rows``: also
-    sample that many rows of each (``TensorStats.rows``); ``histogram=False``: no histograms
+    sample that many rows of each (``TensorStats.rows``), with the ``heavy_rows`` of largest
+    magnitude besides (``RowSample.weighted``); ``histogram=False``: no histograms
     (no range method but min-max can be applied)."""
     axes = channel_axes or {}
-    stats = {v.name: TensorStats(channel_axis=axes.get(v.name, -1), keep_rows=keep_rows, histogram=histogram) for v in values}
+    stats = {v.name: TensorStats(channel_axis=axes.get(v.name, -1), keep_rows=keep_rows, histogram=histogram,
+                                heavy_rows=heavy_rows) for v in values}
     samples = 0
     seen = dict.fromkeys(stats, 0)  # elements observed (finite or not)
     with observing(model, values) as run:

@@ -129,7 +129,9 @@ def _recipe_options(f):
         click.option("--max-float-fraction", type=click.FloatRange(0.0, 1.0),
                      help="With an accuracy target: at most this fraction of layers in float (default 0.1)."),
         click.option("--sensitivity-samples", type=click.IntRange(min=1),
-                     help="With an accuracy target: calibration samples it is measured on (default 4)."),
+                     help="With an accuracy target: calibration samples held apart to measure it on (default 8, spread over the set)."),
+        click.option("--sensitivity-margin", type=float,
+                     help="With an accuracy target: standard errors of the per-sample mean to spare (default 0)."),
         click.option("--fallback", type=click.Choice(["per-token", "float"]),
                      help="With an accuracy target: where sensitive layers go first (default on "
                           "ort-cpu: per-token activations, then float; elsewhere: float)."),
@@ -169,7 +171,8 @@ def _recipe_options(f):
 
 WEIGHT_ONLY_OPTIONS = ("method", "bits", "group_size", "symmetric", "act_order", "clip_search", "lm_head_bits")
 W8A8_OPTIONS = ("activations", "float_residuals", "smoothquant", "smoothquant_alpha", "max_ppl_increase",
-                "min_cosine", "min_top1_agreement", "max_float_fraction", "sensitivity_samples", "fallback")
+                "min_cosine", "min_top1_agreement", "max_float_fraction", "sensitivity_samples",
+                "sensitivity_margin", "fallback")
 
 
 def _config(recipe, calibration, options: dict):
@@ -270,6 +273,7 @@ def _w8a8_config(calibration, calib, options):
         accuracy_target=_accuracy_target(options),
         max_float_fraction=_or_default(options["max_float_fraction"], "max_float_fraction"),
         sensitivity_samples=_or_default(options["sensitivity_samples"], "sensitivity_samples"),
+        sensitivity_margin=_or_default(options["sensitivity_margin"], "sensitivity_margin"),
         fallback=options["fallback"],
     )
     if config.smoothquant_on and calibration is None:
@@ -283,8 +287,10 @@ def _accuracy_target(options) -> Objective | None:
              if options[flag] is not None]
     if len(given) > 1:
         raise QCompileError("give one accuracy target: --max-ppl-increase, --min-cosine or --min-top1-agreement")
-    if not given and any(options[o] is not None for o in ("max_float_fraction", "sensitivity_samples", "fallback")):
-        raise QCompileError("--max-float-fraction/--sensitivity-samples/--fallback go with an accuracy target "
+    if not given and any(options[o] is not None for o in
+                         ("max_float_fraction", "sensitivity_samples", "sensitivity_margin", "fallback")):
+        raise QCompileError("--max-float-fraction/--sensitivity-samples/--sensitivity-margin/--fallback go with "
+                            "an accuracy target "
                             "(--max-ppl-increase, --min-cosine, --min-top1-agreement)")
     return Objective(*given[0]) if given else None
 

@@ -78,7 +78,8 @@ class W8A8Config:
     ``blockwise_lm_head``: run-time schemes on ort-cpu: the MatMul producing the logits takes
     int8 activations per block of input channels (``passes.blockwise_lm_head``).
     ``accuracy_target``: static only — move the fewest, most sensitive layers up to per-token
-    activations, then to float, until it is met on ``sensitivity_samples`` calibration samples,
+    activations, then to float, until it is met on ``sensitivity_samples`` calibration samples
+    (with ``sensitivity_margin`` standard errors of the per-sample mean to spare),
     at most ``max_float_fraction`` of the quantized layers in float
     (``passes.keep_sensitive_float``). ``fallback``: ``per-token`` (that ladder; ort-cpu, the
     default there) or ``float`` (float only; the default for other targets).
@@ -96,7 +97,8 @@ class W8A8Config:
     blockwise_lm_head: bool = True
     accuracy_target: Objective | None = None
     max_float_fraction: float = 0.1
-    sensitivity_samples: int = 4
+    sensitivity_samples: int = 8
+    sensitivity_margin: float = 0.0
     fallback: str | None = None
 
     name = "w8a8"
@@ -132,6 +134,9 @@ class W8A8Config:
             raise QCompileError(f"--max-float-fraction must be in [0, 1], got {self.max_float_fraction}")
         if self.sensitivity_samples < 1:
             raise QCompileError(f"--sensitivity-samples must be ≥ 1, got {self.sensitivity_samples}")
+        if not 0.0 <= self.sensitivity_margin <= 10.0:
+            raise QCompileError(f"--sensitivity-margin is a number of standard errors in [0, 10], got "
+                                f"{self.sensitivity_margin}")
         if self.fallback not in (None, "per-token", "float"):
             raise QCompileError(f"--fallback is per-token or float, not {self.fallback!r}")
         if self.fallback == "per-token" and self.target != "ort-cpu":

@@ -99,6 +99,7 @@ from passes.quantize_embeddings import QuantizeEmbeddingsPass
 from passes.quantize_weight_only import QuantizeWeightOnlyPass, weight_format
 from passes.quantize_weights import QuantizeWeightsPass
 from passes.emit_gemm_float8 import EmitGemmFloat8Pass
+from passes.float_reference import FloatReferencePass
 from passes.quantize_fp8 import SEARCH_ROWS, FP8CalibratePass, InsertFP8QDQPass, QuantizeFP8WeightsPass
 from passes.quantize_kv_cache import QuantizeKVCachePass
 from passes.upgrade_opset import UpgradeOpsetPass
@@ -244,10 +245,13 @@ def qdq_passes(
         passes.append(BlockwiseLMHeadPass())
     if config.smoothquant_on and feeds is None:
         raise QCompileError("SmoothQuant measures activations: pass --calib-data or --calib-text")
-    held_feeds = None
+    reference = None
     if config.accuracy_target is not None and feeds is not None:
-        # The target is measured on samples the ranges were not fitted to, as new data will be.
+        # The target is measured on samples the ranges were not fitted to, as new data will be,
+        # against the float model's outputs on them, taken before anything changes.
         held_feeds, feeds = split_feeds(feeds, config.sensitivity_samples)
+        reference = FloatReferencePass(held_feeds, config.sensitivity_samples)
+        passes.append(reference)
     if config.smoothquant is not False and feeds is not None:
         # Rescales the float model: before calibration, which must see the smoothed ranges.
         passes.append(SmoothQuantPass(
@@ -268,12 +272,6 @@ def qdq_passes(
             BiasCorrectionPass(),
             InsertStaticQDQPass(config.calibration, config.placement),
         ]
-        if config.accuracy_target is not None:
-            # Before clean-up: puts layers back in float from the float weights and biases
-            # that the Q/DQ model still holds.
-            passes.append(KeepSensitiveFloatPass(
-                config.accuracy_target, held_feeds, config.sensitivity_samples, config.max_float_fraction,
-                progress=progress, per_token_scheme=config.per_token_fallback))
     else:
         passes += [
             QuantizeWeightsPass(),
@@ -284,6 +282,14 @@ def qdq_passes(
         passes.append(QuantizeEmbeddingsPass())
     if config.lm_head_blockwise:
         passes.append(EmitMatMulNBitsPass(accuracy_level=4))
+    if config.accuracy_target is not None and config.activations == "static":
+        # After every other quantization, so the target is measured on the model as it will
+        # run (embeddings and LM head quantized too); before clean-up, so the layers it puts
+        # back in float find the float weights and biases the Q/DQ model still holds.
+        passes.append(KeepSensitiveFloatPass(
+            config.accuracy_target, reference.feeds, config.sensitivity_samples, config.max_float_fraction,
+            progress=progress, per_token_scheme=config.per_token_fallback, reference=reference,
+            margin=config.sensitivity_margin))
     passes.append(CleanupPass())
     if config.target == "ort-cpu" and config.activations == "static":
         # Still QDQ: bring each Q/DQ next to the op it belongs to, for the lowering's patterns.
@@ -456,7 +462,8 @@ def plan(model_path: str | Path, config: W8A8Config | WeightOnlyConfig) -> list[
     replacements = {CalibratePass: lambda p: PlanCalibratePass(p.placement),
                     FP8CalibratePass: lambda p: PlanCalibratePass("weighted"),
                     SmoothQuantPass: lambda p: PlanSmoothQuantPass(),
-                    KeepSensitiveFloatPass: lambda p: PlanKeepSensitiveFloatPass(p)}
+                    KeepSensitiveFloatPass: lambda p: PlanKeepSensitiveFloatPass(p),
+                    FloatReferencePass: lambda p: PlanFloatReferencePass(p.samples)}
     passes = [replacements.get(type(p), lambda p: p)(p) for p in passes]
     return run_passes(model, passes)
 
@@ -470,6 +477,17 @@ class PlanSmoothQuantPass(ir.passes.InPlacePass):
         kinds = collections.Counter(g.absorber.kind.split(" ")[0] if g.absorber else "no absorber" for g in found)
         self.summary = f"{len(found)} groups could be smoothed (" + ", ".join(
             f"{n} {kind}" for kind, n in sorted(kinds.items())) + ")"
+        return ir.passes.PassResult(model, modified=False)
+
+
+class PlanFloatReferencePass(ir.passes.InPlacePass):
+    """Stands in for ``FloatReferencePass`` in ``plan``: runs nothing."""
+
+    def __init__(self, samples: int) -> None:
+        super().__init__()
+        self.summary = f"would keep the float outputs on the {samples} held calibration samples"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
         return ir.passes.PassResult(model, modified=False)
 
 

@@ -34,7 +34,8 @@ class TensorStats:
     """Streaming statistics of one activation tensor."""
 
     def __init__(
-        self, bins: int = DEFAULT_BINS, channel_axis: int = -1, keep_rows: int = 0, histogram: bool = True
+        self, bins: int = DEFAULT_BINS, channel_axis: int = -1, keep_rows: int = 0, histogram: bool = True,
+        heavy_rows: int = 0,
     ) -> None:
         if bins % 4:
             raise ValueError("bins must be a multiple of 4")
@@ -49,8 +50,9 @@ class TensorStats:
         self.channel_max: np.ndarray | None = None
         self._channel_sum: np.ndarray | None = None
         self._channel_count: np.ndarray | None = None
-        # keep_rows > 0: also a uniform sample of that many rows (positions × channels).
-        self.rows = RowSample(keep_rows) if keep_rows else None
+        # keep_rows > 0: also a uniform sample of that many rows (positions × channels), and
+        # the heavy_rows rows of largest |x| (RowSample.weighted).
+        self.rows = RowSample(keep_rows, heavy=heavy_rows) if keep_rows else None
         self.histogram = histogram  # False: min/max and channel statistics only (cheaper)
 
     def update(self, x: np.ndarray) -> None:
@@ -133,12 +135,18 @@ class TensorStats:
 class RowSample:
     """A uniform random sample of at most ``capacity`` rows (``[n, channels]`` batches) from a
     stream, by reservoir sampling with a fixed seed: the same stream gives the same sample, and
-    memory is ``capacity × channels`` however long the stream is."""
+    memory is ``capacity × channels`` however long the stream is.
 
-    def __init__(self, capacity: int, seed: int = 0) -> None:
-        self.capacity = capacity
+    ``heavy > 0``: also the ``heavy`` rows of largest ``max_j |x_j|`` exactly (``weighted``).
+    Sums over rows — a layer's output error — are dominated by the few rows with outliers (an
+    attention-sink token), which a uniform sample of a long stream holds by luck or not at all."""
+
+    def __init__(self, capacity: int, seed: int = 0, heavy: int = 0) -> None:
+        self.capacity, self.heavy_capacity = capacity, heavy
         self.seen = 0
         self.rows: np.ndarray | None = None
+        self.heavy: np.ndarray | None = None  # [≤ heavy, channels], largest peak first
+        self._heavy_peaks = np.zeros(0, np.float32)
         self._rng = np.random.default_rng(seed)
 
     def update(self, rows: np.ndarray) -> None:
@@ -156,6 +164,29 @@ class RowSample:
         for row, slot in zip(np.flatnonzero(~fill & (slots < self.capacity)), slots[~fill & (slots < self.capacity)]):
             self.rows[slot] = rows[row]
         self.seen += rows.shape[0]
+        if self.heavy_capacity:
+            self._update_heavy(rows)
+
+    def _update_heavy(self, rows: np.ndarray) -> None:
+        pool = rows if self.heavy is None else np.concatenate([self.heavy, rows])
+        peaks = np.concatenate([self._heavy_peaks, np.abs(rows).max(axis=1)])
+        keep = np.argsort(-peaks, kind="stable")[: self.heavy_capacity]
+        self.heavy, self._heavy_peaks = pool[keep], peaks[keep]
+
+    def weighted(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, weights)`` such that ``Σ weights_i f(rows_i)`` estimates ``Σ f`` over every
+        row seen: the heavy rows count once each (they are exact); the uniform sample's rows
+        below the smallest heavy peak stand for the other ``seen − heavy`` rows, each weighted
+        ``(seen − heavy) / their number``. Without heavy rows: the uniform sample, weights 1."""
+        uniform = self.sample
+        if not self.heavy_capacity or self.heavy is None:
+            return uniform, np.ones(len(uniform))
+        if self.seen <= self.heavy_capacity:  # every row seen is a heavy one
+            return self.heavy, np.ones(len(self.heavy))
+        rest = uniform[np.abs(uniform).max(axis=1) < self._heavy_peaks[-1]]
+        weight = (self.seen - len(self.heavy)) / max(len(rest), 1)
+        return (np.concatenate([self.heavy, rest]),
+                np.concatenate([np.ones(len(self.heavy)), np.full(len(rest), weight)]))
 
     @property
     def sample(self) -> np.ndarray:

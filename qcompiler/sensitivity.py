@@ -17,6 +17,12 @@ agreement``, measured on calibration data):
 4. With those float layers, move back to static the layers that no longer need per-token
    scales: keep the shortest prefix of the ranking per token that still meets the target.
 
+Losses are measured against the float model's outputs (``passes.float_reference``) on samples
+held apart from the ranges and spread over them. A few samples only sketch new data (SmolLM2
+W8A8 per token, 8 windows: increases of 0.0–8.0% per window), so a margin can be asked for:
+each loss then is an upper estimate, ``margin`` standard errors of the mean above the samples'
+mean (``Scorer.loss``).
+
 Shortest prefixes are found by doubling (1, 2, 4, … layers), then a bisection between the last
 that failed and the first that met the target (``shortest_prefix``). The graph plumbing (a
 model whose layers switch precision by boolean inputs, so one ONNX Runtime session measures
@@ -68,21 +74,24 @@ class Objective:
         return f"{label} {1 - loss:.5f} (target ≥ {self.bound:g})"
 
 
+def is_next_token_logits(feeds: Sequence[dict], outputs: Sequence[np.ndarray]) -> bool:
+    """Whether every output is logits ``[B, S, V]`` over the vocabulary of its feed's
+    ``input_ids``: what a perplexity can be measured on."""
+    return all("input_ids" in f and o.ndim == 3 and o.shape[-1] > int(np.max(f["input_ids"]))
+               for f, o in zip(feeds, outputs))
+
+
 class Scorer:
     """Turns a model's outputs on the calibration samples into the objective's loss, against
     the float model's outputs given once."""
 
     def __init__(self, objective: Objective, feeds: Sequence[dict], float_outputs: Sequence[np.ndarray]):
         self.objective, self.feeds = objective, feeds
-        if objective.kind == "ppl" and not all(
-                "input_ids" in f and o.ndim == 3 and o.shape[-1] > int(np.max(f["input_ids"]))
-                for f, o in zip(feeds, float_outputs)):
+        if objective.kind == "ppl" and not is_next_token_logits(feeds, float_outputs):
             raise QCompileError("--max-ppl-increase measures next-token perplexity: the model must take input_ids "
                                 "and output logits [batch, seq, vocab]; use --min-cosine (encoders) or "
                                 "--min-top1-agreement (classifiers)")
         self.reference = [self._summary(f, o) for f, o in zip(feeds, float_outputs)]
-        if objective.kind == "ppl":
-            self.float_nll = float(np.mean([r for r in self.reference]))
 
     def _summary(self, feed: dict, output: np.ndarray):
         kind = self.objective.kind
@@ -92,15 +101,27 @@ class Scorer:
             return output.argmax(axis=-1)
         return pooled(output, feed.get("attention_mask"))
 
-    def loss(self, outputs: Sequence[np.ndarray]) -> float:
+    def terms(self, outputs: Sequence[np.ndarray]) -> np.ndarray:
+        """The per-sample terms whose mean the loss is built on: ``ppl``, each sample's mean NLL
+        minus the float model's; ``top1``, 1 at each arg-max that disagrees; ``cosine``,
+        ``1 − cosine`` of each row."""
         got = [self._summary(f, o) for f, o in zip(self.feeds, outputs)]
         kind = self.objective.kind
         if kind == "ppl":
-            return math.exp(float(np.mean(got)) - self.float_nll) - 1.0
+            return np.asarray(got, dtype=np.float64) - np.asarray(self.reference, dtype=np.float64)
         if kind == "top1":
-            return 1.0 - float(np.mean(np.concatenate([(a == b).ravel() for a, b in zip(self.reference, got)])))
-        cos = [qm.cosine(a, b, axis=1) for a, b in zip(self.reference, got)]
-        return 1.0 - float(np.mean(np.concatenate(cos)))
+            return np.concatenate([(a != b).ravel() for a, b in zip(self.reference, got)]).astype(np.float64)
+        return 1.0 - np.concatenate([qm.cosine(a, b, axis=1) for a, b in zip(self.reference, got)])
+
+    def loss(self, outputs: Sequence[np.ndarray], margin: float = 0.0) -> float:
+        """The loss, estimated ``margin`` standard errors of the mean above the terms' mean
+        ``t̄ + margin·σ_t/√n`` (σ: sample standard deviation; no margin from one term): ``ppl``
+        ``exp(·) − 1`` of it (the perplexity increase), otherwise itself."""
+        terms = self.terms(outputs)
+        estimate = float(np.mean(terms))
+        if margin and terms.size > 1:
+            estimate += margin * float(np.std(terms, ddof=1)) / math.sqrt(terms.size)
+        return math.expm1(estimate) if self.objective.kind == "ppl" else estimate
 
 
 def mean_nll(logits: np.ndarray, feed: dict) -> float:
@@ -140,6 +161,7 @@ class Decision:
     ablation_gain: dict[str, float] = dataclasses.field(default_factory=dict)
     losses: dict[str, float] = dataclasses.field(default_factory=dict)
     final_loss: float = math.nan
+    margin: float = 0.0
 
     def as_dict(self) -> dict:
         def layer(n: str) -> dict:
@@ -151,6 +173,7 @@ class Decision:
             "per_token": [layer(n) for n in self.per_token],
             "loss_by_choice": self.losses,
             "final_loss": self.final_loss,
+            "margin_standard_errors": self.margin,
             "quantized_layers": self.total_layers - len(self.kept_float),
             "total_layers": self.total_layers,
         }
@@ -158,7 +181,8 @@ class Decision:
     def summary(self) -> str:
         per_token = f"{len(self.per_token)} switched to per-token activations, " if self.per_token else ""
         return (f"{per_token}{len(self.kept_float)} of {self.total_layers} layers kept in float; "
-                f"{self.objective.describe(self.final_loss)} on the calibration samples")
+                f"{self.objective.describe(self.final_loss)} on the held calibration samples"
+                + (f" (mean + {self.margin:g} standard errors)" if self.margin else ""))
 
 
 Loss = Callable[[frozenset[str], frozenset[str]], float]
@@ -172,11 +196,12 @@ def choose_precisions(
     candidates: int,
     per_token: Collection[str] = (),
     progress: Callable[[str], None] = lambda _: None,
+    margin: float = 0.0,
 ) -> Decision:
     """The search of the module docstring. ``loss(F, P)`` measures the model with the layers
     ``F`` in float and ``P`` quantized per token; ``per_token``: the layers that can be."""
     ranked = sorted(layer_sqnr, key=lambda n: layer_sqnr[n])
-    decision = Decision(objective, layer_sqnr, len(layer_sqnr))
+    decision = Decision(objective, layer_sqnr, len(layer_sqnr), margin=margin)
 
     def measure(label: str, in_float: Sequence[str], tokens: Sequence[str]) -> float:
         if label not in decision.losses:

@@ -14,7 +14,8 @@ quantize per output channel and tolerate them. The migration strength ``α`` pic
 Layers that read one tensor (q/k/v; gate/up) share ``s``: their weights are stacked along N.
 
 ``α`` is chosen per group by ``search_alpha``: the relative output error of the quantized
-layer, ``‖XW − Q(X/s) Q(sW)‖² / ‖XW‖²`` on sampled calibration rows, for each ``α`` of a grid
+layer, ``‖XW − Q(X/s) Q(sW)‖² / ‖XW‖²`` over the calibration rows (estimated from the rows of
+largest magnitude and a weighted uniform sample of the rest), for each ``α`` of a grid
 and for no smoothing at all (``None``); weights are quantized as the compiler does (int8,
 symmetric, per output channel) and activations by the scheme that will run.
 """
@@ -106,16 +107,19 @@ def quantized_error(
     scheme: str,
     channels: ChannelRange,
     reference: np.ndarray | None = None,
+    row_weights: np.ndarray | None = None,
 ) -> float:
     """``‖XW − Q(X/s) Q(sW)‖² / ‖XW‖²`` on ``x_rows`` (``s=None``: no smoothing;
-    ``reference``: ``XW`` when already computed)."""
+    ``reference``: ``XW`` when already computed; ``row_weights``: each row's weight in both
+    sums, ``RowSample.weighted``)."""
     s = np.ones(w.shape[0], np.float32) if s is None else s
     lo, hi = channels.smoothed(s) if scheme in ("static", "dynamic") else (None, None)
     x_q = fake_quant_activation(x_rows / s, scheme, lo, hi)
     w_q = fake_quant_weight(w * s[:, None])
     reference = x_rows @ w if reference is None else reference
-    error = np.square(reference - x_q @ w_q, dtype=np.float64).sum()
-    return float(error / max(np.square(reference, dtype=np.float64).sum(), 1e-30))
+    weights = np.ones(len(x_rows)) if row_weights is None else np.asarray(row_weights, np.float64)
+    error = weights @ np.square(reference - x_q @ w_q, dtype=np.float64).sum(axis=1)
+    return float(error / max(weights @ np.square(reference, dtype=np.float64).sum(axis=1), 1e-30))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,22 +144,23 @@ def search_alpha(
     scheme: str,
     grid: tuple[float, ...] = ALPHA_GRID,
     tied: np.ndarray | None = None,
+    row_weights: np.ndarray | None = None,
 ) -> AlphaChoice:
     """The ``α`` of ``grid`` (or none) with the smallest quantized output error.
 
     ``x_rows``: sampled activation rows ``[rows, K]``; ``w``: the group's weights stacked
     ``[K, N]``; ``channels``: the activation's per-channel range over all calibration data.
     A one-element grid fixes ``α`` (``--smoothquant-alpha``): it is applied whatever the error.
-    ``tied``: see ``smoothing_scales``.
+    ``tied``: see ``smoothing_scales``; ``row_weights``: see ``quantized_error``.
     """
     x_rows, w = np.asarray(x_rows, np.float32), np.asarray(w, np.float32)
     w_absmax = np.abs(w).max(axis=1)
     reference = x_rows @ w
-    unsmoothed = quantized_error(x_rows, w, None, scheme, channels, reference)
+    unsmoothed = quantized_error(x_rows, w, None, scheme, channels, reference, row_weights)
     best = AlphaChoice(None, unsmoothed, unsmoothed, None) if len(grid) > 1 else None
     for alpha in grid:
         s = smoothing_scales(channels.absmax, w_absmax, alpha, tied)
-        error = quantized_error(x_rows, w, s, scheme, channels, reference)
+        error = quantized_error(x_rows, w, s, scheme, channels, reference, row_weights)
         if best is None or error < best.error:
             best = AlphaChoice(alpha, error, unsmoothed, s)
     return best

@@ -1,8 +1,8 @@
 """``--method auto`` for weight-only recipes with calibration data: compile each candidate
 method, keep the one that loses least on calibration samples held apart from fitting.
 
-The calibration samples are split in order: the last ``held_count(n) = max(1, n // 4)`` are
-held apart, the others fit every candidate (GPTQ's Hessians, AWQ's scales and clipping). Each
+The calibration samples are split: ``held_count(n) = max(1, n // 4)`` of them, spread evenly
+over the set (``calibration.held_indices``), are held apart, the others fit every candidate (GPTQ's Hessians, AWQ's scales and clipping). Each
 candidate (``CANDIDATES``: GPTQ with act-order and the clipping search, with and without AWQ's
 scales before it) is compiled in full into a temporary folder beside the output and run on the
 held samples; its loss is
@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 
 from qcompiler import sensitivity
-from qcompiler.calibration import Feed, FeedSource
+from qcompiler.calibration import Feed, FeedSource, split_feeds
 from qcompiler.config import WeightOnlyConfig
 from runtime.session import create_session
 
@@ -60,18 +60,21 @@ def held_count(n: int) -> int:
     return 0 if n < 2 else max(1, n // 4)
 
 
-def split_feeds(feeds: Sequence[Feed]) -> tuple[list[Feed], list[Feed]]:
-    """``(fit, held)``: the last ``held_count`` samples held; with one sample, both are it."""
+def fit_and_held(feeds: Sequence[Feed]) -> tuple[list[Feed], list[Feed]]:
+    """``(fit, held)``: ``held_count`` samples spread over ``feeds`` (``calibration.split_feeds``)
+    held; with one sample, both are it."""
     feeds = list(feeds)
-    held = held_count(len(feeds))
-    return (feeds, feeds) if held == 0 else (feeds[:-held], feeds[-held:])
+    if held_count(len(feeds)) == 0:
+        return feeds, feeds
+    held, fit = split_feeds(lambda: iter(feeds), held_count(len(feeds)))
+    return list(fit()), list(held())
 
 
 def objective_for(feeds: Sequence[Feed], outputs: Sequence[np.ndarray]) -> sensitivity.Objective:
     """``ppl`` when the first output is next-token logits of ``input_ids``, else ``cosine``."""
-    lm = all("input_ids" in f and o.ndim == 3 and o.shape[-1] > int(np.max(f["input_ids"]))
-             for f, o in zip(feeds, outputs))
-    return sensitivity.Objective("ppl", 0.0) if lm else sensitivity.Objective("cosine", 1.0)
+    if sensitivity.is_next_token_logits(feeds, outputs):
+        return sensitivity.Objective("ppl", 0.0)
+    return sensitivity.Objective("cosine", 1.0)
 
 
 def first_outputs(model_path: Path, feeds: Sequence[Feed]) -> list[np.ndarray]:
@@ -127,7 +130,7 @@ def compile_auto(
 
     start = time.perf_counter()
     all_feeds = list(itertools.islice(feeds(), config.calibration.max_samples))
-    fit, held = split_feeds(all_feeds)
+    fit, held = fit_and_held(all_feeds)
     scorer = held_scorer(model_path, held)
     losses, results = {}, {}
     with tempfile.TemporaryDirectory(prefix=".qcompile-auto-", dir=output_path.parent) as tmp:

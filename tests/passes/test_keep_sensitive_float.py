@@ -34,7 +34,7 @@ def mlp() -> onnx.ModelProto:
         {"w1": w1, "w2": rng.normal(0, 0.2, (48, 16)).astype(np.float32)})
 
 
-def _samples(n: int = 8) -> list[dict]:
+def _samples(n: int = 12) -> list[dict]:
     rng = np.random.default_rng(3)
     x = rng.normal(size=(n, 1, 8, 32)).astype(np.float32)
     x[..., 5] *= 300.0  # fc1's input: one channel ~300× the rest
@@ -125,7 +125,7 @@ def one_layer() -> onnx.ModelProto:
         {"w": rng.normal(0, 0.2, (32, 24)).astype(np.float32)})
 
 
-def _sink_samples(n: int = 8) -> list[dict]:
+def _sink_samples(n: int = 12) -> list[dict]:
     """Token 0 of every sample is ~100× the others (an attention-sink token): a per-tensor scale
     set by it leaves the other tokens a few levels; per-token scales follow each token."""
     rng = np.random.default_rng(5)
@@ -179,13 +179,15 @@ def test_fallback_float_keeps_the_old_ladder(tmp_path):
 def test_target_is_measured_on_samples_the_ranges_never_saw(tmp_path):
     from qcompiler.calibration import split_feeds
 
-    held, rest = split_feeds(lambda: iter(range(6)), 4)
-    assert list(held()) == [0, 1, 2, 3] and list(rest()) == [4, 5]
+    held, rest = split_feeds(lambda: iter(range(6)), 4)  # (2i + 1)·6 // 8
+    assert list(held()) == [0, 2, 3, 5] and list(rest()) == [1, 4]
+    held, rest = split_feeds(lambda: iter(range(24)), 8)
+    assert list(held()) == [1, 4, 7, 10, 13, 16, 19, 22] and len(list(rest())) == 16
     src = tmp_path / "mlp.onnx"
     onnx.save(mlp(), src)
     feeds = _samples(4)
     config = W8A8Config(activations="static", smoothquant=False, accuracy_target=Objective("cosine", 0.9999))
-    with pytest.raises(QCompileError, match=r"measured on 4 calibration samples held apart"):
+    with pytest.raises(QCompileError, match=r"measured on 8 calibration samples held apart.*\(got 4\)"):
         pipeline.compile_model(src, tmp_path / "o.onnx", config, feeds=lambda: iter(feeds), progress=False)
 
 
@@ -221,3 +223,54 @@ def test_switchboard_simulates_the_per_token_lowering(scheme):
             x_scale = np.abs(x).max(axis=-1, keepdims=True) / 127.0
             want = (np.round(x / x_scale) * x_scale) @ (np.round(w / w_scale) * w_scale)
         np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+
+
+def embedded() -> onnx.ModelProto:
+    """ids[B,S] → Gather(table [4096, 64], 1 MB: quantized per row by default) → fc → y."""
+    rng = np.random.default_rng(7)
+    table = rng.normal(size=(4096, 64)).astype(np.float32)  # the table's int8 error ~ the activation's
+    return make_model(
+        [helper.make_node("Gather", ["table", "ids"], ["h"], name="embed"),
+         helper.make_node("MatMul", ["h", "w"], ["y"], name="fc")],
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "S"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", 32])],
+        {"table": table, "w": rng.normal(0, 0.2, (64, 32)).astype(np.float32)})
+
+
+@pytest.mark.parametrize("margin", [0.0, 1.5])
+def test_target_is_measured_on_the_model_as_it_runs(tmp_path, margin):
+    # The held samples' loss the search reports for "nothing moved" is the compiled model's own,
+    # embedding table quantized too: 1 − cosine per sample, plus ``margin`` standard errors (numpy).
+    from qcompiler.calibration import held_indices
+
+    src, out = tmp_path / "emb.onnx", tmp_path / "emb.q.onnx"
+    onnx.save(embedded(), src)
+    rng = np.random.default_rng(8)
+    feeds = [{"ids": rng.integers(0, 4096, size=(1, 16))} for _ in range(12)]
+    config = W8A8Config(activations="static", smoothquant=False, accuracy_target=Objective("cosine", 0.5),
+                        sensitivity_margin=margin)
+    pipeline.compile_model(src, out, config, feeds=lambda: iter(feeds), progress=False)
+    model = onnx.load(out)
+    assert {"Gather", "Cast", "Mul"} <= {n.op_type for n in model.graph.node}  # the table is int8
+    decision = __import__("json").loads({p.key: p.value for p in model.metadata_props}[DECISION_KEY])
+    ref, got = create_session(str(src)), create_session(str(out))
+    held = [feeds[i] for i in held_indices(12, W8A8Config.sensitivity_samples)]
+    terms = np.array([1 - _cosine(ref.run(None, f)[0], got.run(None, f)[0]) for f in held])
+    expected = terms.mean() + margin * terms.std(ddof=1) / np.sqrt(len(terms))
+    assert decision["final_loss"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_sensitivity_margin_flag(tmp_path, capsys):
+    src, out = tmp_path / "mlp.onnx", tmp_path / "o.onnx"
+    onnx.save(mlp(), src)
+    np.savez(tmp_path / "c.npz", x=np.stack([f["x"] for f in _samples()]))
+    common = [str(src), "--w8a8", "--calib-data", str(tmp_path / "c.npz"), "-o", str(out), "--quiet"]
+    assert main([*common, "--sensitivity-margin", "1"]) == 2  # no target to spare it for
+    assert main([*common, "--min-cosine", "0.9", "--sensitivity-margin", "-1"]) == 2
+    assert not out.exists()
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert "go with an accuracy target" in errors[0] and "[0, 10]" in errors[1]
+    assert main([*common, "--no-smoothquant", "--min-cosine", "0.9999", "--max-float-fraction", "0.5",
+                 "--sensitivity-margin", "2"]) == 0
+    decision = __import__("json").loads({p.key: p.value for p in onnx.load(out).metadata_props}[DECISION_KEY])
+    assert decision["margin_standard_errors"] == 2.0

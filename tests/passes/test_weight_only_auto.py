@@ -20,10 +20,10 @@ K, HIDDEN = 64, 128
 def test_held_count_and_split():
     assert [auto.held_count(n) for n in (0, 1, 2, 7, 8, 16)] == [0, 0, 1, 1, 2, 4]
     feeds = [{"x": np.full(1, i)} for i in range(8)]
-    fit, held = auto.split_feeds(feeds)
-    assert [int(f["x"][0]) for f in fit] == list(range(6)) and [int(f["x"][0]) for f in held] == [6, 7]
+    fit, held = auto.fit_and_held(feeds)  # held: the middle of each half
+    assert [int(f["x"][0]) for f in fit] == [0, 1, 3, 4, 5, 7] and [int(f["x"][0]) for f in held] == [2, 6]
     one = [{"x": np.zeros(1)}]
-    assert auto.split_feeds(one) == (one, one)
+    assert auto.fit_and_held(one) == (one, one)
 
 
 def test_choose_takes_the_lowest_loss_and_the_first_of_equals():
@@ -72,12 +72,12 @@ def test_auto_keeps_the_candidate_with_the_lower_held_loss(mlp_path, tmp_path, m
     config = WeightOnlyConfig(group_size=32, keep_grid=False)
     result = compile_model(mlp_path, out, config, feeds=lambda: iter(feeds), progress=False)
 
-    _, held = auto.split_feeds(feeds)
+    fit, held = auto.fit_and_held(feeds)
     expected = {}
     for label, fields in candidates:  # each compiled alone on the fitting samples, scored here
         path = tmp_path / f"{label.replace(' ', '_')}.onnx"
         compile_model(mlp_path, path, WeightOnlyConfig(group_size=32, keep_grid=False, **fields),
-                      feeds=lambda: iter(feeds[:6]), progress=False)
+                      feeds=lambda: iter(fit), progress=False)
         expected[label] = _held_cosine_loss(mlp_path, path, held)
     meta = json.loads({p.key: p.value for p in onnx.load(out).metadata_props}[auto.METADATA_KEY])
     assert meta["chosen"] == "rtn 4-bit" == min(expected, key=expected.get)

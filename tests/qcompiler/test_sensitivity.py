@@ -118,6 +118,29 @@ def test_cosine_pools_unmasked_tokens_and_top1_counts_agreement():
     assert top.loss([np.array([[0.2, 0.8], [0.1, 0.9]])]) == pytest.approx(0.5)
 
 
+def test_margin_adds_standard_errors_of_the_per_sample_terms():
+    rng = np.random.default_rng(5)
+    ids = [rng.integers(0, 7, size=(1, 6)) for _ in range(5)]
+    floats = [rng.normal(size=(1, 6, 7)) for _ in ids]
+    quants = [f + rng.normal(0, 0.5, size=f.shape) for f in floats]
+
+    def nll(logits, i):
+        p = np.exp(logits[0, :-1]) / np.exp(logits[0, :-1]).sum(-1, keepdims=True)
+        return -np.mean(np.log(p[np.arange(5), i[0, 1:]]))
+
+    d = np.array([nll(q, i) - nll(f, i) for q, f, i in zip(quants, floats, ids)])
+    scorer = sens.Scorer(sens.Objective("ppl", 1.0), [{"input_ids": i} for i in ids], floats)
+    np.testing.assert_allclose(scorer.terms(quants), d, rtol=1e-6)
+    assert scorer.loss(quants) == pytest.approx(math.exp(d.mean()) - 1)
+    upper = math.exp(d.mean() + 2 * d.std(ddof=1) / math.sqrt(5)) - 1
+    assert scorer.loss(quants, margin=2.0) == pytest.approx(upper) and upper > scorer.loss(quants)
+    top = sens.Scorer(sens.Objective("top1", 0.9), [{}], [np.array([[0.1, 0.9], [0.8, 0.2]])])
+    wrong = np.array([0.0, 1.0])  # one of two rows disagrees: mean 0.5, σ/√2 = 0.5
+    assert top.loss([np.array([[0.2, 0.8], [0.1, 0.9]])], margin=1.0) == pytest.approx(0.5 + wrong.std(ddof=1) / math.sqrt(2))
+    one = sens.Scorer(sens.Objective("ppl", 1.0), [{"input_ids": ids[0]}], floats[:1])
+    assert one.loss(quants[:1], margin=3.0) == pytest.approx(math.exp(d[0]) - 1)  # one term: no spread to add
+
+
 @pytest.mark.parametrize("kind, bound", [("ppl", -1.0), ("cosine", 0.0), ("top1", 1.5), ("loss", 1.0)])
 def test_bad_objectives(kind, bound):
     with pytest.raises(QCompileError):

@@ -339,3 +339,45 @@ def test_stats_rows_follow_the_channel_axis():
     stats.update(x)
     np.testing.assert_array_equal(stats.rows.sample, np.moveaxis(x, 1, -1).reshape(-1, 3))
     np.testing.assert_array_equal(stats.channel_max, x.max(axis=(0, 2, 3)))
+
+
+def _spiky_rows(n: int = 20000, spikes: int = 20, seed: int = 12) -> np.ndarray:
+    """Gaussian rows, ``spikes`` of them ×100 (sink tokens): they carry most of Σ‖row‖²."""
+    rng = np.random.default_rng(seed)
+    rows = rng.normal(size=(n, 8)).astype(np.float32)
+    rows[rng.choice(n, spikes, replace=False)] *= 100.0
+    return rows
+
+
+def test_heavy_rows_are_the_largest_exactly_and_weights_add_up_to_the_stream():
+    rows = _spiky_rows()
+    sample = _stream(RowSample(256, heavy=64), rows, [512] * 39 + [20000 - 512 * 39])
+    peaks = np.abs(rows).max(axis=1)
+    np.testing.assert_array_equal(sample.heavy, rows[np.argsort(-peaks, kind="stable")[:64]])
+    kept, weights = sample.weighted()
+    assert weights.sum() == pytest.approx(len(rows)) and len(kept) == len(weights)
+    assert np.all(np.abs(kept[64:]).max(axis=1) < peaks[np.argsort(-peaks)[63]])  # no heavy row twice
+
+
+def test_weighted_rows_estimate_a_sum_the_uniform_sample_misses():
+    heavy_errors, uniform_errors = [], []
+    for seed in range(10):
+        rows = _spiky_rows(seed=100 + seed)
+        truth = float(np.square(rows, dtype=np.float64).sum())
+        sample = _stream(RowSample(256, seed=seed, heavy=64), rows, [1000] * 20)
+        kept, weights = sample.weighted()
+        heavy_errors.append(abs(weights @ np.square(kept, dtype=np.float64).sum(axis=1) / truth - 1))
+        uniform = sample.sample
+        uniform_errors.append(abs(len(rows) / len(uniform) * np.square(uniform, dtype=np.float64).sum() / truth - 1))
+    assert max(heavy_errors) < 0.02 < np.median(uniform_errors)
+
+
+def test_row_weights_count_a_row_as_that_many_copies():
+    x, w = _outlier_rows()[:40], np.random.default_rng(13).normal(size=(64, 6)).astype(np.float32)
+    channels = ChannelRange(x.min(axis=0), x.max(axis=0))
+    weights = np.ones(40)
+    weights[:5] = 3.0
+    repeated = np.concatenate([x, x[:5], x[:5]])
+    for scheme in ("static", "per-token"):  # per-token: rows are quantized alone, copies change nothing
+        got = smoothing.quantized_error(x, w, None, scheme, channels, row_weights=weights)
+        assert got == pytest.approx(smoothing.quantized_error(repeated, w, None, scheme, channels), rel=1e-6)
