@@ -97,7 +97,10 @@ def main() -> None:
 
     if args.targets_only:
         previous = json.loads((args.results / "sensitivity.json").read_text())
-        state["rows"] = [r for r in previous["rows"] if not r["variant"].startswith("--max-ppl-increase")]
+        # Part 1's rows, and part 2's rows not run again now (labels still in TARGET_ROWS).
+        kept = {TARGET_ROWS[k][0] for k in TARGET_ROWS if k not in args.targets}
+        state["rows"] = [r for r in previous["rows"]
+                         if not r["variant"].startswith("--max-ppl-increase") or r["variant"] in kept]
         state["ranking"] = previous["ranking"]
     else:
         rank_and_ablate(args, calib, float_path, build, state)
