@@ -18,17 +18,20 @@ from qcompiler.calibration import FeedSource, observing
 
 
 class FloatReferencePass(ir.passes.InPlacePass):
-    """Run the model (still float) on the first ``samples`` of ``feeds`` once and keep its first
-    output on each (``outputs``). Never modifies the model; a second call runs nothing."""
+    """Run the model (still float) on the first ``samples`` of ``feeds`` once and keep them
+    (``inputs``) and its first output on each (``outputs``). Never modifies the model; a second
+    call runs nothing."""
 
     def __init__(self, feeds: FeedSource, samples: int) -> None:
         super().__init__()
         self.feeds, self.samples = feeds, samples
+        self.inputs: list = []
         self.outputs: list[np.ndarray] | None = None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if self.outputs is None:
             output = model.graph.outputs[0]
+            self.inputs = list(itertools.islice(self.feeds(), self.samples))
             with observing(model, [output]) as run:
-                self.outputs = [run(f)[output.name] for f in itertools.islice(self.feeds(), self.samples)]
+                self.outputs = [run(f)[output.name] for f in self.inputs]
         return ir.passes.PassResult(model, modified=False)

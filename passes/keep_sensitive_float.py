@@ -26,7 +26,6 @@ moves to per-token are lowered by ``LowerDynamicActivationsPass`` with the same 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 
 import numpy as np
@@ -40,7 +39,6 @@ from passes.insert_static_qdq import ACTIVATION_KEY
 from passes.quantize_weights import WEIGHT_KEY
 from passes.select_targets import TARGET_KEY, QuantTarget
 from qcompiler import ir_utils, sensitivity
-from qcompiler.calibration import FeedSource
 from qcompiler.errors import QCompileError
 from qcompiler.layer_error import ErrorStats
 from runtime.session import create_session
@@ -88,23 +86,21 @@ def _switches(model: ir.Model) -> list[_Switch]:
 
 
 class KeepSensitiveFloatPass(ir.passes.InPlacePass):
-    """Meet ``objective`` on the first ``samples`` of ``feeds`` (the pipeline holds them apart
-    from the ranges; ``qcompiler.calibration.split_feeds``) with at most ``max_float_fraction`` of the quantized layers in float
+    """Meet ``objective`` on the samples ``reference`` ran the float model on (the pipeline
+    holds them apart from the ranges; ``qcompiler.calibration.split_feeds``), against the float
+    outputs it kept, with at most ``max_float_fraction`` of the quantized layers in float
     (``qcompiler.sensitivity``).
     ``candidates``: layers checked by ablation (at least the cap). ``per_token_scheme``
     (``per-token``, ``per-token-sym`` or None): the rung below float, if any. ``decision`` holds
     the result. ``margin``: standard errors of the per-sample mean added to every loss
-    (``Scorer.loss``). ``reference``: the pass that kept the float model's outputs on the same samples
-    (else the model with every target in float stands in for it). Idempotent: a model with no
-    quantized target left to switch is not modified."""
+    (``Scorer.loss``). Idempotent: a model with no quantized target left to switch is not
+    modified."""
 
-    def __init__(self, objective: sensitivity.Objective, feeds: FeedSource, samples: int = 8,
+    def __init__(self, objective: sensitivity.Objective, reference: FloatReferencePass,
                  max_float_fraction: float = 0.1, candidates: int = 16, threads: int | None = None,
-                 progress: bool = True, per_token_scheme: str | None = None,
-                 reference: FloatReferencePass | None = None, margin: float = 0.0) -> None:
+                 progress: bool = True, per_token_scheme: str | None = None, margin: float = 0.0) -> None:
         super().__init__()
-        self.reference, self.margin = reference, margin
-        self.objective, self.feeds, self.samples = objective, feeds, samples
+        self.objective, self.reference, self.margin = objective, reference, margin
         self.per_token_scheme = per_token_scheme
         self.max_float_fraction, self.candidates = max_float_fraction, candidates
         self.threads, self.progress = threads, progress
@@ -115,17 +111,14 @@ class KeepSensitiveFloatPass(ir.passes.InPlacePass):
         switches = _switches(model)
         if not switches or DECISION_KEY in model.metadata_props:
             return ir.passes.PassResult(model, modified=False)
-        feeds = list(itertools.islice(self.feeds(), self.samples))
+        if self.reference.outputs is None:
+            raise ValueError("FloatReferencePass must run before KeepSensitiveFloatPass")
+        feeds = self.reference.inputs
         if not feeds:
             raise QCompileError("the accuracy target is measured on calibration data, which has no samples")
         board = _Switchboard(model, switches, self.threads, self.per_token_scheme)
         outputs = [o.name for o in model.graph.outputs][:1]
-        everything = frozenset(s.name for s in switches)
-        if self.reference is not None and self.reference.outputs is not None:
-            float_outputs = self.reference.outputs
-        else:  # the targets switched back: float but for what other passes quantized
-            float_outputs = board.run(feeds, everything, frozenset(), outputs)
-        scorer = sensitivity.Scorer(self.objective, feeds, float_outputs)
+        scorer = sensitivity.Scorer(self.objective, feeds, self.reference.outputs)
         layer_sqnr = board.layer_sqnr(feeds)
         say = (lambda text: print(f"  sensitivity: {text}", flush=True)) if self.progress else (lambda _: None)
         self.decision = sensitivity.choose_precisions(

@@ -287,9 +287,8 @@ def qdq_passes(
         # run (embeddings and LM head quantized too); before clean-up, so the layers it puts
         # back in float find the float weights and biases the Q/DQ model still holds.
         passes.append(KeepSensitiveFloatPass(
-            config.accuracy_target, reference.feeds, config.sensitivity_samples, config.max_float_fraction,
-            progress=progress, per_token_scheme=config.per_token_fallback, reference=reference,
-            margin=config.sensitivity_margin))
+            config.accuracy_target, reference, config.max_float_fraction, progress=progress,
+            per_token_scheme=config.per_token_fallback, margin=config.sensitivity_margin))
     passes.append(CleanupPass())
     if config.target == "ort-cpu" and config.activations == "static":
         # Still QDQ: bring each Q/DQ next to the op it belongs to, for the lowering's patterns.
