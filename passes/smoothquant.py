@@ -31,14 +31,17 @@ output or path value read outside the group (those readers would see ``X/s``); g
 
 ``α`` is searched per group on the calibration data (``qcompiler.smoothing.search_alpha``:
 the layer's quantized output error, weights int8 per channel, activations by the scheme that
-will run), or fixed. ``enabled=None`` (auto) smooths only when some group's activation has
-outlier channels (max/median of the channel maxima ≥ ``OUTLIER_RATIO``).
+will run; static schemes cross-validated on the two halves of the samples, so that the search
+sees what a range fitted to some data does to spikes it never saw), or fixed. ``enabled=None``
+(auto) smooths only when some group's activation has outlier channels (max/median of the
+channel maxima ≥ ``OUTLIER_RATIO``).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 
 import numpy as np
 import onnx_ir as ir
@@ -46,7 +49,7 @@ import onnx_ir as ir
 from passes.insert_static_qdq import SMOOTHED_ACTIVATION_KEY
 from passes.select_targets import TARGET_KEY, QuantTarget, targets
 from qcompiler import ir_utils, smoothing
-from qcompiler.calibration import FeedSource, collect_stats, run_once
+from qcompiler.calibration import FeedSource, collect_fold_stats, run_once
 from qcompiler.config import CalibrationConfig
 
 OUTLIER_RATIO = 20.0
@@ -452,30 +455,39 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         if not found:
             self.summary = "no MatMul/Gemm to smooth"
             return ir.passes.PassResult(model, modified=False)
-        stats = collect_stats(
-            model, [g.activation for g in found], self.feeds(),
-            mask_padding=self.calibration.mask_padding, max_samples=self.calibration.max_samples,
-            progress=self.progress, keep_rows=ROW_SAMPLE, histogram=False, heavy_rows=HEAVY_ROWS,
-        )
-        worst = max(smoothing.outlier_ratio(stats[g.activation.name].channel_absmax) for g in found)
+        folds = self._observe(model, [g.activation for g in found])
+        worst = max(smoothing.outlier_ratio(smoothing.merged_range(folds[g.activation.name]).absmax)
+                    for g in found)
         if self.enabled is None and worst < OUTLIER_RATIO:
             self.summary = f"no outlier channels (largest max/median {worst:.1f} < {OUTLIER_RATIO:g}): not applied"
             return ir.passes.PassResult(model, modified=False)
         resolve_linear_absorbers(model, found, next(iter(self.feeds())))
         outcomes: collections.Counter = collections.Counter()
         for group in found:
-            outcome = self._smooth(model.graph, group, stats[group.activation.name])
+            outcome = self._smooth(model.graph, group, folds[group.activation.name])
             outcomes[outcome] += 1
         self.summary = f"outlier ratio up to {worst:.0f}; " + ", ".join(
             f"{n} {outcome}" for outcome, n in sorted(outcomes.items()))
         return ir.passes.PassResult(model, modified=any(d["alpha"] is not None for d in self.decisions))
 
-    def _smooth(self, graph: ir.Graph, group: Group, stats) -> str:
-        channels = smoothing.ChannelRange(stats.channel_min, stats.channel_max)
+    def _observe(self, model: ir.Model, activations: list[ir.Value]) -> dict[str, list[smoothing.Observed]]:
+        """Each activation's calibration rows and channel ranges; for static schemes in two folds
+        (the first and second half of the samples), which the α search cross-validates."""
+        n = 0
+        if self.scheme in smoothing.STATIC_SCHEMES:
+            n = sum(1 for _ in itertools.islice(self.feeds(), self.calibration.max_samples))
+        folds = 2 if n >= 2 else 1
+        by_fold = collect_fold_stats(
+            model, activations, self.feeds(), folds=folds, fold_of=lambda i: 2 * i // n if folds == 2 else 0,
+            mask_padding=self.calibration.mask_padding, max_samples=self.calibration.max_samples,
+            progress=self.progress, keep_rows=ROW_SAMPLE, histogram=False, heavy_rows=HEAVY_ROWS,
+        )
+        return {v.name: [_observed(stats[v.name]) for stats in by_fold] for v in activations}
+
+    def _smooth(self, graph: ir.Graph, group: Group, observed: list[smoothing.Observed]) -> str:
         grid = (self.alpha,) if self.alpha is not None else smoothing.ALPHA_GRID
         tied = group.absorber.tied if group.absorber is not None else None
-        rows, weights = stats.rows.weighted()
-        choice = smoothing.search_alpha(rows, group.stacked_weight(), channels, self.scheme, grid, tied, weights)
+        choice = smoothing.search_alpha(observed, group.stacked_weight(), self.scheme, grid, tied)
         decision = {"layers": group.name, "absorber": group.absorber.kind if group.absorber else None,
                     "refusal": group.refusal, "alpha": choice.alpha,
                     "error": choice.error, "unsmoothed_error": choice.unsmoothed_error}
@@ -497,6 +509,11 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             target.node.meta[SMOOTHED_KEY] = choice.alpha
             target.activation.meta[SMOOTHED_ACTIVATION_KEY] = choice.alpha  # ranges: min-max
         return outcome
+
+
+def _observed(stats) -> smoothing.Observed:
+    rows, weights = stats.rows.weighted()
+    return smoothing.Observed(rows, smoothing.ChannelRange(stats.channel_min, stats.channel_max), weights)
 
 
 def scale_weight(graph: ir.Graph, target: QuantTarget, s: np.ndarray) -> None:

@@ -64,11 +64,19 @@ def split_feeds(feeds: FeedSource, held: int) -> tuple[FeedSource, FeedSource]:
     return pick(True), pick(False)
 
 
-def collect_stats(
+def collect_stats(model: ir.Model, values: list[ir.Value], feeds: Iterable[Feed], **options) -> dict[str, TensorStats]:
+    """Statistics of ``values`` (by name) over the float model's run on ``feeds``; ``options``
+    as ``collect_fold_stats``'s (one fold)."""
+    return collect_fold_stats(model, values, feeds, **options)[0]
+
+
+def collect_fold_stats(
     model: ir.Model,
     values: list[ir.Value],
     feeds: Iterable[Feed],
     *,
+    folds: int = 1,
+    fold_of: Callable[[int], int] = lambda i: 0,
     channel_axes: Mapping[str, int] | None = None,
     mask_padding: bool = True,
     max_samples: int | None = None,
@@ -76,21 +84,24 @@ def collect_stats(
     keep_rows: int = 0,
     histogram: bool = True,
     heavy_rows: int = 0,
-) -> dict[str, TensorStats]:
-    """Statistics of ``values`` (by name) over the float model's run on ``feeds``;
-    ``channel_axes`` gives a value's channel axis (default: the last); ``keep_rows``: also
-    sample that many rows of each (``TensorStats.rows``), with the ``heavy_rows`` of largest
-    magnitude besides (``RowSample.weighted``); ``histogram=False``: no histograms
-    (no range method but min-max can be applied)."""
+) -> list[dict[str, TensorStats]]:
+    """Statistics of ``values`` (by name) over the float model's run on ``feeds``, kept apart by
+    fold: sample ``i`` is observed by fold ``fold_of(i)`` of ``folds`` (cross-validation: a
+    range taken on one fold, an error measured on another's rows). ``channel_axes`` gives a
+    value's channel axis (default: the last); ``keep_rows``: also sample that many rows of each
+    (``TensorStats.rows``), with the ``heavy_rows`` of largest magnitude besides
+    (``RowSample.weighted``); ``histogram=False``: no histograms (no range method but min-max
+    can be applied)."""
     axes = channel_axes or {}
-    stats = {v.name: TensorStats(channel_axis=axes.get(v.name, -1), keep_rows=keep_rows, histogram=histogram,
-                                heavy_rows=heavy_rows) for v in values}
+    by_fold = [{v.name: TensorStats(channel_axis=axes.get(v.name, -1), keep_rows=keep_rows, histogram=histogram,
+                                    heavy_rows=heavy_rows) for v in values} for _ in range(folds)]
     samples = 0
-    seen = dict.fromkeys(stats, 0)  # elements observed (finite or not)
+    seen = {v.name: 0 for v in values}  # elements observed (finite or not)
     with observing(model, values) as run:
         for feed in tqdm(feeds, desc="calibrating", unit="sample", disable=not progress):
             outputs = run(feed)
             mask = feed.get(MASK_INPUT) if mask_padding else None
+            stats = by_fold[fold_of(samples)]
             for name in stats:
                 x = valid_positions(outputs[name], mask)
                 stats[name].update(x)
@@ -100,13 +111,13 @@ def collect_stats(
                 break
     if samples == 0:
         raise QCompileError("the calibration data holds no samples")
-    for name, s in stats.items():  # an empty tensor (a zero-length cache) is not an error
-        if seen[name] and (s.count == 0 or (s.rows is not None and s.rows.seen == 0)):
+    for name in seen:  # an empty tensor (a zero-length cache) is not an error
+        if seen[name] and not any(s[name].count and (s[name].rows is None or s[name].rows.seen) for s in by_fold):
             raise QCompileError(
                 f"activation {name!r} is not finite on any calibration sample (NaN, or "
                 "overflow to Inf): check the calibration data's values and scale"
             )
-    return stats
+    return by_fold
 
 
 @contextlib.contextmanager

@@ -17,12 +17,16 @@ Layers that read one tensor (q/k/v; gate/up) share ``s``: their weights are stac
 layer, ``‖XW − Q(X/s) Q(sW)‖² / ‖XW‖²`` over the calibration rows (estimated from the rows of
 largest magnitude and a weighted uniform sample of the rest), for each ``α`` of a grid
 and for no smoothing at all (``None``); weights are quantized as the compiler does (int8,
-symmetric, per output channel) and activations by the scheme that will run.
+symmetric, per output channel) and activations by the scheme that will run. A static range is
+fitted to calibration data and meets spikes it never saw on new data; given the samples in
+folds, the search fits ``s`` and the range on one fold and measures the error on another
+(cross-validation), which charges an ``α`` for the spikes its range would clip.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import numpy as np
 
@@ -53,6 +57,9 @@ def tied_max(values: np.ndarray, tied: np.ndarray) -> np.ndarray:
     out = np.zeros(int(tied.max()) + 1, np.float64)
     np.maximum.at(out, tied, values)
     return out
+
+
+STATIC_SCHEMES = ("static", "dynamic")  # one range per tensor: the smoothed channels' range
 
 
 def fake_quant_weight(w: np.ndarray) -> np.ndarray:
@@ -112,14 +119,37 @@ def quantized_error(
     """``‖XW − Q(X/s) Q(sW)‖² / ‖XW‖²`` on ``x_rows`` (``s=None``: no smoothing;
     ``reference``: ``XW`` when already computed; ``row_weights``: each row's weight in both
     sums, ``RowSample.weighted``)."""
+    error, energy = _error_terms(x_rows, w, s, scheme, channels, reference, row_weights)
+    return error / max(energy, 1e-30)
+
+
+def _error_terms(x_rows, w, s, scheme, channels, reference, row_weights) -> tuple[float, float]:
+    """``(Σ weight·‖XW − Q(X/s) Q(sW)‖², Σ weight·‖XW‖²)`` over the rows."""
     s = np.ones(w.shape[0], np.float32) if s is None else s
-    lo, hi = channels.smoothed(s) if scheme in ("static", "dynamic") else (None, None)
+    lo, hi = channels.smoothed(s) if scheme in STATIC_SCHEMES else (None, None)
     x_q = fake_quant_activation(x_rows / s, scheme, lo, hi)
     w_q = fake_quant_weight(w * s[:, None])
     reference = x_rows @ w if reference is None else reference
     weights = np.ones(len(x_rows)) if row_weights is None else np.asarray(row_weights, np.float64)
     error = weights @ np.square(reference - x_q @ w_q, dtype=np.float64).sum(axis=1)
-    return float(error / max(weights @ np.square(reference, dtype=np.float64).sum(axis=1), 1e-30))
+    return float(error), float(weights @ np.square(reference, dtype=np.float64).sum(axis=1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Observed:
+    """What calibration saw of one activation (all of it, or one fold of the samples): sampled
+    rows ``[rows, K]`` with their weights (``RowSample.weighted``; None: 1 each) and the
+    per-channel range over every row."""
+
+    rows: np.ndarray
+    channels: ChannelRange
+    row_weights: np.ndarray | None = None
+
+
+def merged_range(observed: Sequence[Observed]) -> ChannelRange:
+    """The per-channel range over every fold."""
+    return ChannelRange(np.min([o.channels.lo for o in observed], axis=0),
+                        np.max([o.channels.hi for o in observed], axis=0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,31 +168,47 @@ class AlphaChoice:
 
 
 def search_alpha(
-    x_rows: np.ndarray,
+    observed: Observed | Sequence[Observed],
     w: np.ndarray,
-    channels: ChannelRange,
     scheme: str,
     grid: tuple[float, ...] = ALPHA_GRID,
     tied: np.ndarray | None = None,
-    row_weights: np.ndarray | None = None,
 ) -> AlphaChoice:
     """The ``α`` of ``grid`` (or none) with the smallest quantized output error.
 
-    ``x_rows``: sampled activation rows ``[rows, K]``; ``w``: the group's weights stacked
-    ``[K, N]``; ``channels``: the activation's per-channel range over all calibration data.
-    A one-element grid fixes ``α`` (``--smoothquant-alpha``): it is applied whatever the error.
-    ``tied``: see ``smoothing_scales``; ``row_weights``: see ``quantized_error``.
+    ``observed``: the activation as calibration saw it, whole or in folds; ``w``: the group's
+    weights stacked ``[K, N]``. With folds the error is cross-validated: for each pair of
+    folds ``(f, g)``, ``f ≠ g``, ``s`` and the static range come from ``f``'s channel ranges
+    and the error is measured on ``g``'s rows, so that an ``α`` whose range a spike unseen in
+    ``f`` would overflow pays for it (held-out data brings such spikes); the relative error is
+    ``Σ error / Σ ‖XW‖²`` over the pairs. The scales returned are computed from every fold's
+    range. A one-element grid fixes ``α`` (``--smoothquant-alpha``): it is applied whatever
+    the error. ``tied``: see ``smoothing_scales``.
     """
-    x_rows, w = np.asarray(x_rows, np.float32), np.asarray(w, np.float32)
+    folds = [observed] if isinstance(observed, Observed) else list(observed)
+    pairs = [(f, g) for f in folds for g in folds if f is not g] or [(folds[0], folds[0])]
+    w = np.asarray(w, np.float32)
     w_absmax = np.abs(w).max(axis=1)
-    reference = x_rows @ w
-    unsmoothed = quantized_error(x_rows, w, None, scheme, channels, reference, row_weights)
+    references = {id(g): np.asarray(g.rows, np.float32) @ w for g in folds}
+
+    def error(alpha: float | None) -> float:
+        total = energy = 0.0
+        for fit, held in pairs:
+            s = None if alpha is None else smoothing_scales(fit.channels.absmax, w_absmax, alpha, tied)
+            e, r = _error_terms(np.asarray(held.rows, np.float32), w, s, scheme, fit.channels,
+                                references[id(held)], held.row_weights)
+            total, energy = total + e, energy + r
+        return total / max(energy, 1e-30)
+
+    unsmoothed = error(None)
     best = AlphaChoice(None, unsmoothed, unsmoothed, None) if len(grid) > 1 else None
     for alpha in grid:
-        s = smoothing_scales(channels.absmax, w_absmax, alpha, tied)
-        error = quantized_error(x_rows, w, s, scheme, channels, reference, row_weights)
-        if best is None or error < best.error:
-            best = AlphaChoice(alpha, error, unsmoothed, s)
+        e = error(alpha)
+        if best is None or e < best.error:
+            best = AlphaChoice(alpha, e, unsmoothed, None)
+    if best.alpha is not None:
+        scales = smoothing_scales(merged_range(folds).absmax, w_absmax, best.alpha, tied)
+        best = dataclasses.replace(best, scales=scales)
     return best
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from qcompiler import smoothing
 from qcompiler.ranges import RowSample, TensorStats, select_range
-from qcompiler.smoothing import ChannelRange
+from qcompiler.smoothing import ChannelRange, Observed
 
 
 # --- independent references ---------------------------------------------------------------------
@@ -188,7 +188,7 @@ def test_search_finds_an_alpha_that_removes_outlier_error():
     x = _outlier_rows()
     w = np.random.default_rng(7).normal(0, 0.2, (64, 32)).astype(np.float32)
     channels = ChannelRange(x.min(axis=0), x.max(axis=0))
-    choice = smoothing.search_alpha(x, w, channels, "static")
+    choice = smoothing.search_alpha(Observed(x, channels), w, "static")
     assert choice.alpha is not None and choice.alpha in smoothing.ALPHA_GRID
     assert choice.unsmoothed_error >= 5 * choice.error
     assert choice.gain == pytest.approx(choice.unsmoothed_error / choice.error)
@@ -207,7 +207,7 @@ def test_search_never_makes_even_activations_worse():
     x = rng.normal(size=(256, 64)).astype(np.float32)
     w = rng.normal(0, 0.2, (64, 32)).astype(np.float32)
     channels = ChannelRange(x.min(axis=0), x.max(axis=0))
-    choice = smoothing.search_alpha(x, w, channels, "per-token")
+    choice = smoothing.search_alpha(Observed(x, channels), w, "per-token")
     assert choice.error <= choice.unsmoothed_error
     assert choice.unsmoothed_error == pytest.approx(_ref_error(x, w, None, "per-token"), rel=1e-3)
     if choice.alpha is None:
@@ -220,12 +220,12 @@ def test_a_one_element_grid_is_applied_whatever_the_error():
     w = rng.normal(0, 0.2, (32, 16)).astype(np.float32)
     x[:, :4] *= 0.01  # α near 0 (s ≈ 1/max|W|) gives these near-dead channels a range they do not need
     channels = ChannelRange(x.min(axis=0), x.max(axis=0))
-    choice = smoothing.search_alpha(x, w, channels, "static", grid=(0.05,))
+    choice = smoothing.search_alpha(Observed(x, channels), w, "static", grid=(0.05,))
     assert choice.alpha == 0.05
     assert choice.error > 1.2 * choice.unsmoothed_error  # applied although worse
     np.testing.assert_allclose(
         choice.scales, smoothing.smoothing_scales(channels.absmax, np.abs(w).max(axis=1), 0.05), rtol=1e-6)
-    searched = smoothing.search_alpha(x, w, channels, "static", grid=(0.05, 0.1))  # a real choice: none
+    searched = smoothing.search_alpha(Observed(x, channels), w, "static", grid=(0.05, 0.1))  # a real choice: none
     assert searched.alpha is None and searched.error == searched.unsmoothed_error and searched.scales is None
 
 
@@ -233,9 +233,33 @@ def test_search_with_tied_channels_returns_tied_scales():
     x = _outlier_rows(rows=128, k=8, channels=(1,))
     w = np.random.default_rng(10).normal(0, 0.2, (8, 6)).astype(np.float32)
     tied = np.array([0, 1, 2, 3, 0, 1, 2, 3])
-    choice = smoothing.search_alpha(x, w, ChannelRange(x.min(axis=0), x.max(axis=0)), "static", tied=tied)
+    choice = smoothing.search_alpha(Observed(x, ChannelRange(x.min(axis=0), x.max(axis=0))), w, "static", tied=tied)
     assert choice.alpha is not None
     np.testing.assert_array_equal(choice.scales[:4], choice.scales[4:])
+
+
+def test_cross_validated_search_fits_on_one_fold_and_measures_on_the_other():
+    a = _outlier_rows(rows=64, k=16, channels=(3,), seed=11)
+    b = _outlier_rows(rows=64, k=16, channels=(3,), seed=12)
+    b[5, 3] = 4 * np.abs(a[:, 3]).max()  # a spike fold a never saw: clipped by a's range
+    w = np.random.default_rng(13).normal(0, 0.2, (16, 6)).astype(np.float32)
+    folds = [Observed(x, ChannelRange(x.min(axis=0), x.max(axis=0))) for x in (a, b)]
+    w_absmax = np.abs(w).max(axis=1)
+
+    def terms(fit, held, alpha):
+        s = smoothing.smoothing_scales(np.abs(fit).max(axis=0), w_absmax, alpha)
+        xq = _ref_activation(held / s, "static", float((fit / s).min()), float((fit / s).max()))
+        ref = (held @ w).astype(np.float64)
+        return np.sum((ref - xq @ _ref_weight(w * s[:, None])) ** 2), np.sum(ref**2)
+
+    for alpha in (0.3, 0.8):
+        choice = smoothing.search_alpha(folds, w, "static", grid=(alpha,))
+        (e1, r1), (e2, r2) = terms(a, b, alpha), terms(b, a, alpha)
+        assert choice.error == pytest.approx((e1 + e2) / (r1 + r2), rel=1e-3)
+        assert e1 > 10 * e2  # the unseen spike is what the cross-validation charges
+        np.testing.assert_allclose(choice.scales, smoothing.smoothing_scales(
+            np.maximum(np.abs(a).max(axis=0), np.abs(b).max(axis=0)), w_absmax, alpha), rtol=1e-6)
+    assert smoothing.merged_range(folds).hi[3] == b[5, 3]
 
 
 def test_outlier_ratio_is_max_over_median():
