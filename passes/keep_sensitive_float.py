@@ -3,9 +3,9 @@ model meets an accuracy target.
 
 Runs on the QDQ model after every other quantization (embedding tables, the LM head), so what
 it measures is the model as it will run, and before clean-up: each target ``t`` then reads
-``DQ(Q(x_t))`` and ``DQ(W_t^q)``, and its float weight is still known (``QuantTarget.weight``).
-The float model's outputs it measures against were kept before any of that
-(``passes.float_reference``). To measure many choices cheaply the pass serializes one *switchboard*
+``DQ(Q(x_t))`` and ``DQ(W_t^q)`` (int8, or E4M3 from ``passes.quantize_fp8``), and its float
+weight is still known (``QuantTarget.weight``). The float model's outputs it measures against
+were kept before any of that (``passes.float_reference``). To measure many choices cheaply the pass serializes one *switchboard*
 model: for every target boolean graph inputs ``f_t`` (float) and ``p_t`` (per token; MatMul and
 Gemm only, when a per-token scheme is given) and ::
 
@@ -36,6 +36,7 @@ from passes.bias_correction import BIAS_BEFORE_KEY
 from passes.dynamic_activations import LowerDynamicActivationsPass
 from passes.float_reference import FloatReferencePass
 from passes.insert_static_qdq import ACTIVATION_KEY
+from passes.quantize_fp8 import FP8_WEIGHT_KEY
 from passes.quantize_weights import WEIGHT_KEY
 from passes.select_targets import TARGET_KEY, QuantTarget
 from qcompiler import ir_utils, sensitivity
@@ -75,7 +76,7 @@ def _switches(model: ir.Model) -> list[_Switch]:
     found = []
     for node in model.graph:
         target = node.meta.get(TARGET_KEY)
-        if target is None or WEIGHT_KEY not in node.meta or not node.name:
+        if target is None or not (WEIGHT_KEY in node.meta or FP8_WEIGHT_KEY in node.meta) or not node.name:
             continue
         dq = node.inputs[0].producer() if node.inputs[0] is not None else None
         q = dq.inputs[0].producer() if dq is not None and dq.op_type == "DequantizeLinear" else None
@@ -151,7 +152,7 @@ def _to_float(graph: ir.Graph, switch: _Switch) -> None:
     if switch.bias is not None:
         bias_node, index, value = switch.bias
         bias_node.replace_input_with(index, value)
-    for key in (TARGET_KEY, WEIGHT_KEY, BIAS_BEFORE_KEY):
+    for key in (TARGET_KEY, WEIGHT_KEY, FP8_WEIGHT_KEY, BIAS_BEFORE_KEY):
         node.meta.pop(key, None)
 
 

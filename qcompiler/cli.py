@@ -120,12 +120,12 @@ def _recipe_options(f):
         click.option("--smoothquant-alpha", type=click.FloatRange(0.0, 1.0),
                      help="Fix SmoothQuant's migration strength α (default: searched per layer)."),
         click.option("--max-ppl-increase", type=click.FloatRange(min=0.0), metavar="PERCENT",
-                     help="W8A8 static: keep the most sensitive layers in float until perplexity "
+                     help="W8A8 static and FP8: keep the most sensitive layers in float until perplexity "
                           "(language models) rises at most PERCENT on calibration windows."),
         click.option("--min-cosine", type=click.FloatRange(0.0, 1.0, min_open=True),
-                     help="W8A8 static: … until the output's mean cosine to float is at least this (encoders)."),
+                     help="W8A8 static and FP8: … until the output's mean cosine to float is at least this (encoders)."),
         click.option("--min-top1-agreement", type=click.FloatRange(0.0, 1.0, min_open=True),
-                     help="W8A8 static: … until top-1 agrees with float on at least this fraction (classifiers)."),
+                     help="W8A8 static and FP8: … until top-1 agrees with float on at least this fraction (classifiers)."),
         click.option("--max-float-fraction", type=click.FloatRange(0.0, 1.0),
                      help="With an accuracy target: at most this fraction of layers in float (default 0.1)."),
         click.option("--sensitivity-samples", type=click.IntRange(min=1),
@@ -299,9 +299,13 @@ def _or_default(value, field: str):
     return value if value is not None else W8A8Config.__dataclass_fields__[field].default
 
 
+ACCURACY_TARGET_OPTIONS = ("max_ppl_increase", "min_cosine", "min_top1_agreement", "max_float_fraction",
+                           "sensitivity_samples", "sensitivity_margin")
+
+
 def _fp8_config(calibration, calib, options):
     given = [name for name in (*WEIGHT_ONLY_OPTIONS, *W8A8_OPTIONS)
-             if name != "method" and options.get(name) not in (None, False)]
+             if name not in ("method", *ACCURACY_TARGET_OPTIONS) and options.get(name) not in (None, False)]
     if given:
         raise QCompileError(f"--{given[0].replace('_', '-')} does not apply to --fp8")
     method = options.get("method") or "gptq"
@@ -314,7 +318,11 @@ def _fp8_config(calibration, calib, options):
         raise QCompileError("--fp8 uses static activation scales: pass --calib-data or --calib-text")
     target = options["target"] if options["target"] != "ort-cpu" else "qdq"  # fp8 on CPU: Q/DQ reference
     return FP8Config(calibration=calib, exclude=tuple(options["exclude"]), method=method,
-                     quantize_embeddings=not options["keep_embeddings_float"], target=target)
+                     quantize_embeddings=not options["keep_embeddings_float"], target=target,
+                     accuracy_target=_accuracy_target(options),
+                     max_float_fraction=_or_default(options["max_float_fraction"], "max_float_fraction"),
+                     sensitivity_samples=_or_default(options["sensitivity_samples"], "sensitivity_samples"),
+                     sensitivity_margin=_or_default(options["sensitivity_margin"], "sensitivity_margin"))
 
 
 def _calibration(calib_data_path, calib_text, tokenizer, seq_len):

@@ -47,13 +47,17 @@ FP8 (``fp8_passes``: ``--fp8``)::
 
     upgrade opset           to 19 if lower (float8 Q/DQ)
     canonicalize, select targets (MatMul/Gemm with constant weights; attention stays float)
+    float reference         with an accuracy target: held-apart samples' float outputs
     calibrate               the weighted ops' activation inputs (placement "weighted")
     quantize fp8 weights    E4M3 behind DequantizeLinear, per channel (per tensor: ort-cuda),
                             rounded by GPTQ on the calibration Hessians (search_scales: scales
                             m·amax/448 searched against diag H); the LM head stays float
     insert fp8 Q/DQ         static per-tensor scales amax/448 (minmax or mse on the fp8 grid;
                             search_scales: m·amax/448, m searched on the readers' output error)
-    quantize embeddings, clean up
+    quantize embeddings
+    keep sensitive float    with an accuracy target: the fewest, most sensitive layers back
+                            to float until it is met on the held-apart samples
+    clean up
     emit GemmFloat8         ort-cuda only: com.microsoft GemmFloat8, TN layout (transB=1)
 
 KV cache (``kv_cache_passes``: ``--kv-cache int8|fp8``, alone or after a recipe)::
@@ -187,6 +191,14 @@ def fp8_passes(config: FP8Config, feeds: FeedSource | None, progress: bool = Tru
         UpgradeOpsetPass(19),
         CanonicalizePass(),
         SelectTargetsPass(config.op_types, config.exclude),
+    ]
+    reference = None
+    if config.accuracy_target is not None:
+        # As for W8A8: held-apart samples and the float model's outputs on them, taken first.
+        held_feeds, feeds = split_feeds(feeds, config.sensitivity_samples)
+        reference = FloatReferencePass(held_feeds, config.sensitivity_samples)
+        passes.append(reference)
+    passes += [
         # Calibrate the float model before any rewrite; only the weighted ops' inputs (+ Hessians).
         FP8CalibratePass(feeds, config.calibration, progress, hessians=config.method == "gptq",
                          keep_rows=SEARCH_ROWS if config.search_scales else 0),
@@ -197,6 +209,10 @@ def fp8_passes(config: FP8Config, feeds: FeedSource | None, progress: bool = Tru
     ]
     if config.quantize_embeddings:
         passes.append(QuantizeEmbeddingsPass())
+    if config.accuracy_target is not None:
+        passes.append(KeepSensitiveFloatPass(
+            config.accuracy_target, reference, config.max_float_fraction, progress=progress,
+            margin=config.sensitivity_margin))
     passes.append(CleanupPass())
     if config.target == "ort-cuda":
         passes += [EmitGemmFloat8Pass(), CleanupPass()]

@@ -260,7 +260,7 @@ def _choose_float(decision: Decision, ranked: list[str], measure, rung: list[str
             f"{objective.describe(decision.losses[f'float {last}{rest}'])} with the {last} most sensitive of "
             f"{decision.total_layers} layers in float (the cap) and {_quantized(rung)}; "
             f"{objective.describe(decision.losses['none'])} with none: raise --max-float-fraction, "
-            "or quantize more gently (SmoothQuant, per-token activations)")
+            "or quantize more gently (--w8a8: SmoothQuant, per-token activations)")
     decision.kept_float, decision.final_loss = order[:k], decision.losses[f"float {k}{rest}"]
 
 

@@ -274,3 +274,36 @@ def test_sensitivity_margin_flag(tmp_path, capsys):
                  "--sensitivity-margin", "2"]) == 0
     decision = __import__("json").loads({p.key: p.value for p in onnx.load(out).metadata_props}[DECISION_KEY])
     assert decision["margin_standard_errors"] == 2.0
+
+
+def test_fp8_target_keeps_layers_float_and_measures_the_model_as_it_runs(tmp_path):
+    from qcompiler.calibration import held_indices
+    from qcompiler.config import FP8Config
+
+    src, out = tmp_path / "mlp.onnx", tmp_path / "mlp.fp8.onnx"
+    onnx.save(mlp(), src)
+    feeds = _samples()
+    config = FP8Config(method="rtn", lm_head=True,  # fc2 makes the output: quantized too
+                       accuracy_target=Objective("cosine", 0.9992), max_float_fraction=0.5)
+    pipeline.compile_model(src, out, config, feeds=lambda: iter(feeds), progress=False)
+    model = onnx.load(out)
+    decision = __import__("json").loads({p.key: p.value for p in model.metadata_props}[DECISION_KEY])
+    kept = [d["node"] for d in decision["kept_float"]]
+    assert len(kept) == 1
+    weights = {t.name: t for t in model.graph.initializer}
+    originals = {t.name: onnx.numpy_helper.to_array(t) for t in mlp().graph.initializer}
+    for node in (n for n in model.graph.node if n.op_type == "MatMul"):
+        if node.name in kept:  # float activation and the original float weight
+            assert weights[node.input[1]].data_type == TensorProto.FLOAT
+            assert node.input[0] in ("x", "a")
+            original = originals["w1" if node.name == "fc1" else "w2"]
+            np.testing.assert_array_equal(onnx.numpy_helper.to_array(weights[node.input[1]]), original)
+        else:  # still E4M3 weights behind DequantizeLinear
+            dq = next(n for n in model.graph.node if node.input[1] in n.output)
+            assert dq.op_type == "DequantizeLinear"
+            assert weights[dq.input[0]].data_type == TensorProto.FLOAT8E4M3FN
+    ref, got = create_session(str(src)), create_session(str(out))
+    held = [feeds[i] for i in held_indices(len(feeds), FP8Config.sensitivity_samples)]
+    terms = np.array([1 - _cosine(ref.run(None, f)[0], got.run(None, f)[0]) for f in held])
+    assert decision["final_loss"] == pytest.approx(terms.mean(), rel=1e-4)
+    assert 1 - terms.mean() >= 0.9992 > 1 - decision["loss_by_choice"]["none"]  # all fp8: not met

@@ -63,3 +63,19 @@ def test_kv_cache_alone_on_a_decoder_and_refused_without_one(mlp_path, tmp_path,
     capsys.readouterr()
     assert main([str(mlp_path), "--kv-cache", "int8", "-o", str(tmp_path / "x.onnx")]) == 2
     assert "past key/values" in _error(capsys)
+
+
+def test_fp8_takes_an_accuracy_target(mlp_path, tmp_path, capsys):
+    x = np.random.default_rng(1).normal(size=(12, 1, 3, 32)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    calib = ["--fp8", "--calib-data", str(tmp_path / "c.npz")]
+    out = tmp_path / "m.fp8.onnx"
+    assert main([str(mlp_path), *calib, "--min-cosine", "0.5", "-o", str(out), "--quiet"]) == 0
+    decision = {p.key: p.value for p in onnx.load(out).metadata_props}["qcompile.kept_float"]
+    assert '"kept_float": []' in decision and '"bound": 0.5' in decision
+    assert main([str(mlp_path), *calib, "--sensitivity-margin", "1", "-o", str(tmp_path / "b.onnx")]) == 2
+    assert "go with an accuracy target" in _error(capsys)
+    assert main([str(mlp_path), *calib, "--min-cosine", "0.5", "--fallback", "float",
+                 "-o", str(tmp_path / "c.onnx")]) == 2
+    assert "--fallback does not apply to --fp8" in _error(capsys)
+    assert not (tmp_path / "b.onnx").exists() and not (tmp_path / "c.onnx").exists()
