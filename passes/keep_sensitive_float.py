@@ -5,9 +5,9 @@ Runs on the QDQ model after every other quantization (embedding tables, the LM h
 it measures is the model as it will run, and before clean-up: each target ``t`` then reads
 ``DQ(Q(x_t))`` and ``DQ(W_t^q)`` (int8, or E4M3 from ``passes.quantize_fp8``), and its float
 weight is still known (``QuantTarget.weight``). The float model's outputs it measures against
-were kept before any of that (``passes.float_reference``). To measure many choices cheaply the pass serializes one *switchboard*
-model: for every target boolean graph inputs ``f_t`` (float) and ``p_t`` (per token; MatMul and
-Gemm only, when a per-token scheme is given) and ::
+were kept before any of that (``passes.float_reference``). To measure many choices cheaply the
+pass serializes one *switchboard* model: for every target boolean graph inputs ``f_t`` (float)
+and ``p_t`` (per token; MatMul and Gemm only, when a per-token scheme is given) and ::
 
     x'_t = Where(f_t, x_t, Where(p_t, T(x_t), DQ(Q(x_t))))     W'_t = Where(f_t, W_t, DQ(W_t^q))
     b'_t = Where(f_t, b_t, b_t − E[ΔW·x])  (the bias before bias correction, if corrected)

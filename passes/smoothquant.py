@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 
 import numpy as np
 import onnx_ir as ir
@@ -49,7 +48,7 @@ import onnx_ir as ir
 from passes.insert_static_qdq import SMOOTHED_ACTIVATION_KEY
 from passes.select_targets import TARGET_KEY, QuantTarget, targets
 from qcompiler import ir_utils, smoothing
-from qcompiler.calibration import FeedSource, collect_fold_stats, run_once
+from qcompiler.calibration import FeedSource, collect_fold_stats, count_samples, run_once
 from qcompiler.config import CalibrationConfig
 
 OUTLIER_RATIO = 20.0
@@ -475,7 +474,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         (the first and second half of the samples), which the α search cross-validates."""
         n = 0
         if self.scheme in smoothing.STATIC_SCHEMES:
-            n = sum(1 for _ in itertools.islice(self.feeds(), self.calibration.max_samples))
+            n = count_samples(self.feeds, self.calibration.max_samples)
         folds = 2 if n >= 2 else 1
         by_fold = collect_fold_stats(
             model, activations, self.feeds(), folds=folds, fold_of=lambda i: 2 * i // n if folds == 2 else 0,

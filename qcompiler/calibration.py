@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
@@ -41,6 +42,11 @@ def held_indices(n: int, held: int) -> list[int]:
     return [(2 * i + 1) * n // (2 * held) for i in range(held)]
 
 
+def count_samples(feeds: FeedSource, limit: int | None = None) -> int:
+    """How many samples ``feeds`` gives (at most ``limit``): one read of the source, no model run."""
+    return sum(1 for _ in itertools.islice(feeds(), limit))
+
+
 def split_feeds(feeds: FeedSource, held: int) -> tuple[FeedSource, FeedSource]:
     """``(held samples, the rest)``: ``held`` samples spread over ``feeds`` (``held_indices``)
     for a measurement kept apart from what is fitted on the rest. The samples are counted when
@@ -48,7 +54,7 @@ def split_feeds(feeds: FeedSource, held: int) -> tuple[FeedSource, FeedSource]:
 
     @functools.cache
     def chosen() -> frozenset[int]:
-        n = sum(1 for _ in feeds())
+        n = count_samples(feeds)
         if n <= held:
             raise QCompileError(f"the accuracy target is measured on {held} calibration samples held apart "
                                 f"(--sensitivity-samples); pass more calibration samples than that (got {n})")

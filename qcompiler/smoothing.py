@@ -107,7 +107,7 @@ class ChannelRange:
         return float((self.lo / s).min()), float((self.hi / s).max())
 
 
-def quantized_error(
+def error_terms(
     x_rows: np.ndarray,
     w: np.ndarray,
     s: np.ndarray | None,
@@ -115,16 +115,11 @@ def quantized_error(
     channels: ChannelRange,
     reference: np.ndarray | None = None,
     row_weights: np.ndarray | None = None,
-) -> float:
-    """``‖XW − Q(X/s) Q(sW)‖² / ‖XW‖²`` on ``x_rows`` (``s=None``: no smoothing;
-    ``reference``: ``XW`` when already computed; ``row_weights``: each row's weight in both
-    sums, ``RowSample.weighted``)."""
-    error, energy = _error_terms(x_rows, w, s, scheme, channels, reference, row_weights)
-    return error / max(energy, 1e-30)
-
-
-def _error_terms(x_rows, w, s, scheme, channels, reference, row_weights) -> tuple[float, float]:
-    """``(Σ weight·‖XW − Q(X/s) Q(sW)‖², Σ weight·‖XW‖²)`` over the rows."""
+) -> tuple[float, float]:
+    """``(Σ ‖XW − Q(X/s) Q(sW)‖², Σ ‖XW‖²)`` over ``x_rows``, whose ratio is the layer's
+    relative quantized output error (``s=None``: no smoothing; ``channels``: the range a static
+    scheme quantizes ``X/s`` over; ``reference``: ``XW`` when already computed;
+    ``row_weights``: each row's weight in both sums, ``RowSample.weighted``)."""
     s = np.ones(w.shape[0], np.float32) if s is None else s
     lo, hi = channels.smoothed(s) if scheme in STATIC_SCHEMES else (None, None)
     x_q = fake_quant_activation(x_rows / s, scheme, lo, hi)
@@ -195,7 +190,7 @@ def search_alpha(
         total = energy = 0.0
         for fit, held in pairs:
             s = None if alpha is None else smoothing_scales(fit.channels.absmax, w_absmax, alpha, tied)
-            e, r = _error_terms(np.asarray(held.rows, np.float32), w, s, scheme, fit.channels,
+            e, r = error_terms(np.asarray(held.rows, np.float32), w, s, scheme, fit.channels,
                                 references[id(held)], held.row_weights)
             total, energy = total + e, energy + r
         return total / max(energy, 1e-30)

@@ -2,10 +2,10 @@
 method, keep the one that loses least on calibration samples held apart from fitting.
 
 The calibration samples are split: ``held_count(n) = max(1, n // 4)`` of them, spread evenly
-over the set (``calibration.held_indices``), are held apart, the others fit every candidate (GPTQ's Hessians, AWQ's scales and clipping). Each
-candidate (``CANDIDATES``: GPTQ with act-order and the clipping search, with and without AWQ's
-scales before it) is compiled in full into a temporary folder beside the output and run on the
-held samples; its loss is
+over the set (``calibration.held_indices``), are held apart, the others fit every candidate
+(GPTQ's Hessians, AWQ's scales and clipping). Each candidate (``CANDIDATES``: GPTQ with
+act-order and the clipping search, with and without AWQ's scales before it) is compiled in full
+into a temporary folder beside the output and run on the held samples; its loss is
 
 * a language model (``input_ids`` in, logits ``[B, S, V]`` out): the perplexity increase
   ``exp(mean NLL_q − mean NLL_float) − 1`` over the held windows;
